@@ -1,0 +1,125 @@
+"""The one place that translates our config tree into megatron-core's configs.
+
+``TransformerConfig`` (model shape + parallel layout + precision), ``DistributedDataParallelConfig``
+and ``OptimizerConfig``. Nothing else in the package constructs these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.transformer import TransformerConfig
+
+from salt_megatron.config.schema import ModelConfig, ParallelConfig, SaltConfig
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Pad the vocabulary to a multiple of ``divisible_by * tp_size`` (Megatron's rule)."""
+    multiple = divisible_by * tp_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def ffn_hidden_size(model: ModelConfig) -> int:
+    """MLP width: explicit, else 4h (GELU) or 8h/3 rounded up to a multiple of 64 (SwiGLU)."""
+    if model.ffn_hidden_size is not None:
+        return model.ffn_hidden_size
+    if model.swiglu:
+        return int(math.ceil(8 * model.hidden_size / 3 / 64) * 64)
+    return 4 * model.hidden_size
+
+
+def transformer_config(
+    model: ModelConfig,
+    *,
+    tp: int,
+    pp: int = 1,
+    vpp: int | None = None,
+    sequence_parallel: bool = False,
+    bf16: bool = False,
+) -> TransformerConfig:
+    """A megatron-core ``TransformerConfig`` for one model under a (TP, PP, VPP) layout.
+
+    Fused CUDA kernels are switched off without a GPU. The loss is summed per token and
+    normalised by the global count of valid tokens (``calculate_per_token_loss``).
+    """
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=ffn_hidden_size(model),
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        calculate_per_token_loss=True,
+        # gloo pairs p2p sends/receives in posting order: batched p2p is wrong at PP=2 with VPP.
+        batch_p2p_comm=on_gpu,
+        deallocate_pipeline_outputs=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not on_gpu,
+    )
+
+
+def student_transformer_config(cfg: SaltConfig) -> TransformerConfig:
+    """The student's ``TransformerConfig`` under the run's parallel layout."""
+    par: ParallelConfig = cfg.parallel
+    return transformer_config(
+        cfg.model,
+        tp=par.tensor_model_parallel_size,
+        pp=par.pipeline_model_parallel_size,
+        vpp=par.virtual_pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        bf16=cfg.training.bf16,
+    )
+
+
+def ddp_config(cfg: SaltConfig) -> DistributedDataParallelConfig:
+    """megatron-core's DDP config (float32 grad reduction, bucketed, optional overlap)."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+
+
+def optimizer_config(cfg: SaltConfig) -> OptimizerConfig:
+    """megatron-core's optimizer config: Adam(W) with our hyper-parameters."""
+    opt = cfg.optim
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=cfg.training.bf16,
+        params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )

@@ -1,0 +1,410 @@
+"""The typed config tree: one dataclass per section, a docstring per field, checks in __post_init__.
+
+Each field becomes a Megatron-style flag (``num_layers`` -> ``--num-layers``); the ``teacher``
+section's flags carry a ``teacher-`` prefix (``--teacher-num-layers``). Checks that involve several
+sections (or the world size) live in :meth:`SaltConfig.validate_world`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the offending flag."""
+
+
+def _flag(name: str, prefix: str = "") -> str:
+    return "--" + prefix + name.replace("_", "-")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(obj: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value is None or value > 0, f"{_flag(name, prefix)} must be positive, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a GPT model (the student, or the teacher under ``--teacher-*`` flags)."""
+
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 256
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Attention heads per layer."""
+    num_query_groups: int | None = None
+    """Key/value head groups for grouped-query attention; None means one per head (MHA)."""
+    ffn_hidden_size: int | None = None
+    """MLP width; None means 4 x hidden (or 8/3 x hidden rounded to 64 with --swiglu)."""
+    vocab_size: int | None = None
+    """Vocabulary size before padding; None takes it from the tokenizer."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the tensor-parallel size, as Megatron does."""
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    """Rotary (rope) or learned absolute position embeddings."""
+    rotary_base: int = 10000
+    """RoPE base frequency."""
+    max_position_embeddings: int = 4096
+    """Largest sequence length the position embeddings support."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Normalisation layer type."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    swiglu: bool = True
+    """Gated SiLU MLP (SwiGLU) instead of a GELU MLP."""
+    untie_embeddings_and_output_weights: bool = True
+    """Separate input embedding and output projection weights."""
+    add_bias_linear: bool = False
+    """Biases in the linear layers."""
+    hidden_dropout: float = 0.0
+    """Dropout on the residual stream."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer implementation: megatron-core's local modules, or Transformer Engine (needs TE)."""
+
+    FLAG_PREFIX: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        prefix = self.FLAG_PREFIX
+        _positive(self, prefix, "num_layers", "hidden_size", "num_attention_heads")
+        _positive(self, prefix, "num_query_groups", "ffn_hidden_size", "vocab_size")
+        _positive(self, prefix, "make_vocab_size_divisible_by", "max_position_embeddings")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"{_flag('hidden_size', prefix)} {self.hidden_size} is not divisible by "
+            f"{_flag('num_attention_heads', prefix)} {self.num_attention_heads}",
+        )
+        if self.num_query_groups is not None:
+            _check(
+                self.num_attention_heads % self.num_query_groups == 0,
+                f"{_flag('num_attention_heads', prefix)} {self.num_attention_heads} is not "
+                f"divisible by {_flag('num_query_groups', prefix)} {self.num_query_groups}",
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"{_flag(name, prefix)} must be in [0, 1), got {value}")
+
+    def validate_tp(self, tp: int, tp_flag: str) -> None:
+        """Check divisibility by a tensor-parallel size (named by ``tp_flag`` in messages)."""
+        prefix = self.FLAG_PREFIX
+        _check(
+            self.num_attention_heads % tp == 0,
+            f"{_flag('num_attention_heads', prefix)} {self.num_attention_heads} is not divisible "
+            f"by {tp_flag} {tp}",
+        )
+        groups = self.num_query_groups or self.num_attention_heads
+        _check(
+            groups % tp == 0,
+            f"{_flag('num_query_groups', prefix)} {groups} is not divisible by {tp_flag} {tp}",
+        )
+
+
+@dataclass
+class TeacherModelConfig(ModelConfig):
+    """Shape of the teacher GPT (flags ``--teacher-*``); it must share the student's tokenizer."""
+
+    FLAG_PREFIX: ClassVar[str] = "teacher-"
+
+
+@dataclass
+class ParallelConfig:
+    """How the student (and the teacher) are sharded."""
+
+    tensor_model_parallel_size: int = 1
+    """Student tensor-parallel size (the vocabulary is sharded this many ways)."""
+    pipeline_model_parallel_size: int = 1
+    """Student pipeline-parallel size (stages)."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline stage for the interleaved schedule; None for plain 1F1B."""
+    sequence_parallel: bool = False
+    """Shard layer-norm/dropout activations along the sequence over the TP group."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+    teacher_tensor_model_parallel_size: int = 1
+    """Teacher tensor-parallel size: a divisor of the student's (or equal)."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of collective operations."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+        _positive(self, "", "virtual_pipeline_model_parallel_size")
+        _positive(self, "", "teacher_tensor_model_parallel_size", "distributed_timeout_minutes")
+        vpp = self.virtual_pipeline_model_parallel_size
+        _check(
+            vpp is None or self.pipeline_model_parallel_size > 1,
+            "--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1",
+        )
+        _check(
+            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+            "--sequence-parallel needs --tensor-model-parallel-size > 1",
+        )
+        _check(
+            self.tensor_model_parallel_size % self.teacher_tensor_model_parallel_size == 0,
+            f"--teacher-tensor-model-parallel-size {self.teacher_tensor_model_parallel_size} must "
+            f"divide --tensor-model-parallel-size {self.tensor_model_parallel_size}",
+        )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks holding one copy of the student: TP x PP."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+@dataclass
+class DistillConfig:
+    """SALT's knowledge-distillation phase."""
+
+    kd_teacher_load: str | None = None
+    """Checkpoint directory of the teacher; None trains without distillation."""
+    kd_steps: int = 0
+    """Length of the KD phase in optimizer steps (n_kd); 0 disables it."""
+    kd_weight: float = 0.5
+    """Initial KD weight w0 in loss = (1-w) CE(labels) + w CE(teacher, student)."""
+    kd_schedule: Literal["step", "linear", "linear_ratio"] = "linear"
+    """How w goes to 0 by n_kd: hard switch, linear decay of w, or linear decay of w/(1-w)."""
+    kd_decay_start: int = 0
+    """Step at which the linear schedules start decaying (w = w0 before it)."""
+    kd_temperature: float = 1.0
+    """Softmax temperature T of both models in the KD term."""
+    kd_t2_scaling: bool = False
+    """Multiply the KD term by T^2 (keeps its gradient scale independent of T)."""
+    kd_data_path: list[str] | None = None
+    """A separate blend for the KD phase (SALT_DS selection), Megatron-style 'w1 p1 w2 p2'."""
+
+    def __post_init__(self) -> None:
+        _check(self.kd_steps >= 0, f"--kd-steps must be >= 0, got {self.kd_steps}")
+        _check(0.0 <= self.kd_weight <= 1.0, f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        _check(self.kd_temperature > 0, f"--kd-temperature must be > 0, got {self.kd_temperature}")
+        _check(
+            0 <= self.kd_decay_start <= max(self.kd_steps, 0),
+            f"--kd-decay-start {self.kd_decay_start} must be in [0, --kd-steps {self.kd_steps}]",
+        )
+        _check(
+            self.kd_schedule != "linear_ratio" or self.kd_weight < 1.0,
+            "--kd-weight must be < 1 with --kd-schedule linear_ratio (w/(1-w) is infinite at 1)",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when a teacher and a positive KD phase are configured."""
+        return self.kd_teacher_load is not None and self.kd_steps > 0
+
+
+@dataclass
+class DataConfig:
+    """Data, tokenizer and sequence length."""
+
+    data_path: list[str] | None = None
+    """Blend of indexed-dataset prefixes, Megatron-style: 'prefix' or 'w1 prefix1 w2 prefix2'."""
+    split: str = "969,30,1"
+    """Train/valid/test split weights of each prefix."""
+    data_cache_path: str | None = None
+    """Directory for the dataset index caches (default: beside the data)."""
+    tokenizer_model: str | None = None
+    """Path of the sentencepiece model."""
+    mock_data: bool = False
+    """Train on megatron-core's synthetic mock GPT dataset (no files needed)."""
+    seq_length: int = 256
+    """Tokens per training sequence."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "", "seq_length")
+        _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"--split {self.split!r} is not a comma-separated list") from None
+        _check(
+            len(weights) == 3 and min(weights) >= 0 and sum(weights) > 0,
+            f"--split {self.split!r} needs three non-negative weights",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """Adam and the learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 0
+    """Linear warm-up steps from 0 to --lr."""
+    lr_decay_iters: int | None = None
+    """Steps over which the LR decays; None means --train-iters."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warm-up."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "", "lr", "adam_eps", "lr_decay_iters")
+        _check(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        _check(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+        _check(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"{_flag(name)} must be in [0, 1), got {value}")
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run, precision, seed."""
+
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step across all data-parallel ranks."""
+    train_iters: int = 100
+    """Optimizer steps to train."""
+    seed: int = 1234
+    """Seed of weights, dropout and data order."""
+    bf16: bool = False
+    """Train in bfloat16 with float32 main weights and gradients."""
+    eval_interval: int = 0
+    """Steps between validation runs (0 disables)."""
+    eval_iters: int = 4
+    """Micro-batches of validation per data-parallel rank and evaluation."""
+    exit_interval: int | None = None
+    """Save and exit when the step count is a multiple of this."""
+    exit_duration_in_mins: float | None = None
+    """Save and exit after this many minutes of training."""
+    skip_nonfinite_steps: int = 0
+    """Skip up to this many steps with a non-finite loss or grad norm instead of halting."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "", "micro_batch_size", "global_batch_size", "train_iters", "eval_iters")
+        _positive(self, "", "exit_interval", "exit_duration_in_mins")
+        _check(self.eval_interval >= 0, "--eval-interval must be >= 0")
+        _check(self.skip_nonfinite_steps >= 0, "--skip-nonfinite-steps must be >= 0")
+        _check(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"--global-batch-size {self.global_batch_size} is not divisible by "
+            f"--micro-batch-size {self.micro_batch_size}",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving, loading and preemption."""
+
+    save: str | None = None
+    """Directory to save checkpoints in."""
+    load: str | None = None
+    """Directory to resume from (its latest complete checkpoint)."""
+    save_interval: int = 0
+    """Steps between saves (0: only at the end and on a signal)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    exit_signal: Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"] = "SIGTERM"
+    """Signal that makes every rank finish its step, save and exit 0."""
+    fallback_to_previous: bool = False
+    """If the latest checkpoint is corrupt, load the previous complete one instead of failing."""
+
+    def __post_init__(self) -> None:
+        _check(self.save_interval >= 0, "--save-interval must be >= 0")
+        _positive(self, "", "keep_last")
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard."""
+
+    log_interval: int = 10
+    """Steps between console lines and TensorBoard scalars."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard event files here (rank 0 of the last stage)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "", "log_interval")
+
+
+@dataclass
+class SaltConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        par = self.parallel
+        self.model.validate_tp(par.tensor_model_parallel_size, "--tensor-model-parallel-size")
+        self.teacher.validate_tp(
+            par.teacher_tensor_model_parallel_size, "--teacher-tensor-model-parallel-size"
+        )
+        stages = par.pipeline_model_parallel_size * (par.virtual_pipeline_model_parallel_size or 1)
+        _check(
+            self.model.num_layers % stages == 0,
+            f"--num-layers {self.model.num_layers} is not divisible by the "
+            f"{stages} pipeline stages (--pipeline-model-parallel-size x virtual size)",
+        )
+        _check(
+            self.data.seq_length <= self.model.max_position_embeddings,
+            f"--seq-length {self.data.seq_length} exceeds --max-position-embeddings "
+            f"{self.model.max_position_embeddings}",
+        )
+        _check(
+            self.data.mock_data or bool(self.data.data_path),
+            "--data-path is required unless --mock-data is set",
+        )
+
+    def validate_world(self, world_size: int) -> None:
+        """Checks that need the world size (before any process group starts)."""
+        mp = self.parallel.model_parallel_size
+        _check(
+            world_size % mp == 0,
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
+            f"--pipeline-model-parallel-size = {mp}",
+        )
+        dp = world_size // mp
+        tr = self.training
+        _check(
+            tr.global_batch_size % (tr.micro_batch_size * dp) == 0,
+            f"--global-batch-size {tr.global_batch_size} is not divisible by --micro-batch-size "
+            f"{tr.micro_batch_size} x data-parallel size {dp}",
+        )
+        vpp = self.parallel.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
+            pp = self.parallel.pipeline_model_parallel_size
+            _check(
+                n_micro % pp == 0,
+                f"--global-batch-size {tr.global_batch_size}: the interleaved schedule needs the "
+                f"{n_micro} micro-batches per step to be a multiple of "
+                f"--pipeline-model-parallel-size {pp}",
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel size at this world size."""
+        return world_size // self.parallel.model_parallel_size

@@ -1,0 +1,1 @@
+"""salt_megatron.training."""

@@ -1,0 +1,228 @@
+"""The training loop: megatron-core schedules, DDP, optimizer, LR schedule, logging."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from salt_megatron.config import megatron as mcfg
+from salt_megatron.config.schema import SaltConfig
+from salt_megatron.data.batches import MicroBatchIterator, stage_iterators
+from salt_megatron.models.student import build_student_chunks, count_parameters, wrap_ddp
+from salt_megatron.parallel.state import StudentLayout, init_student_parallel, reseed
+from salt_megatron.training import metrics
+from salt_megatron.training.logger import MetricsWriter, log, setup_console
+from salt_megatron.training.optimizer import build_optimizer, build_scheduler, guarded_step
+from salt_megatron.training.step import lm_forward_step, sum_reports
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm, beyond the --skip-nonfinite-steps budget."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced (identical on every rank)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    updated: bool
+    seconds: float
+
+
+class Trainer:
+    """Builds the student on megatron's global parallel state and trains it.
+
+    ``datasets`` is ``(train, valid)``: indexable GPT datasets yielding megatron's sample dicts.
+    """
+
+    def __init__(self, cfg: SaltConfig, datasets: tuple[Any, Any | None], vocab_size: int) -> None:
+        self.cfg = cfg
+        self.layout: StudentLayout = init_student_parallel(cfg.parallel, cfg.training.seed)
+        self.world_size = dist.get_world_size()
+        self.is_logging_rank = dist.get_rank() == self.world_size - 1
+        setup_console(self.is_logging_rank)
+        self.vocab_size = vocab_size
+        self.padded_vocab = mcfg.padded_vocab_size(
+            vocab_size, cfg.model.make_vocab_size_divisible_by, self.layout.tp
+        )
+        self.tf_config = mcfg.student_transformer_config(cfg)
+        chunks = build_student_chunks(cfg, self.tf_config, self.padded_vocab)
+        reseed(cfg.training.seed)  # dropout streams independent of how many weights were drawn
+        self.model = wrap_ddp(cfg, self.tf_config, chunks)
+        self._install_grad_hooks()
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.train_ds, self.valid_ds = datasets
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.writer = MetricsWriter(cfg.logging.tensorboard_dir, self.is_logging_rank)
+        self.train_iters = self._iterators(self.train_ds, 0)
+        self._flops_per_token = metrics.train_flops_per_token(
+            cfg.model, cfg.data.seq_length, self.padded_vocab
+        )
+        n_params = count_parameters(self.model)
+        log.info(
+            f"student: {n_params / 1e6:.2f}M parameters on this rank | layout TP={self.layout.tp} "
+            f"PP={self.layout.pp} VPP={self.layout.vpp} DP={self.layout.dp} | "
+            f"padded vocab {self.padded_vocab} | {self.num_microbatches} micro-batches/step"
+        )
+
+    # ---- set-up ----------------------------------------------------------------------------
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per step on each data-parallel rank."""
+        tr = self.cfg.training
+        return tr.global_batch_size // (tr.micro_batch_size * self.layout.dp)
+
+    def _install_grad_hooks(self) -> None:
+        cfg = self.tf_config
+        no_sync = [chunk.no_sync for chunk in self.model]
+        cfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync  # type: ignore[assignment]
+        if self.cfg.parallel.overlap_grad_reduce:
+            sync = [chunk.start_grad_sync for chunk in self.model]
+            cfg.grad_sync_func = sync[0] if len(sync) == 1 else sync  # type: ignore[assignment]
+        cfg.finalize_model_grads_func = finalize_model_grads
+
+    def _iterators(self, dataset: Any, consumed: int) -> list[MicroBatchIterator | None]:
+        uses = [bool(c.module.pre_process or c.module.post_process) for c in self.model]
+        return stage_iterators(
+            dataset,
+            self.cfg.training.micro_batch_size,
+            self.layout.dp_rank,
+            self.layout.dp,
+            consumed,
+            uses,
+        )
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _forward_backward(
+        self, iterators: list[MicroBatchIterator | None], n_micro: int, forward_only: bool
+    ) -> torch.Tensor:
+        """Run the schedule; return the global ``[loss_sum, token_count]`` on every rank."""
+        fwd_bwd = get_forward_backward_func()
+        interleaved = self.layout.vpp is not None
+        tr = self.cfg.training
+        reports = fwd_bwd(
+            forward_step_func=lm_forward_step,
+            data_iterator=iterators if interleaved else iterators[0],
+            model=self.model if interleaved else self.model[0],
+            num_microbatches=n_micro,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=tr.micro_batch_size,
+            forward_only=forward_only,
+        )
+        totals = sum_reports(reports, "lm loss")
+        if self.layout.is_last_stage:
+            dist.all_reduce(totals, group=self.layout.dp_group)
+        else:
+            totals.zero_()
+        dist.all_reduce(totals, group=self.layout.pp_group)  # last stage -> every stage
+        return totals
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over the global batch."""
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        totals = self._forward_backward(self.train_iters, self.num_microbatches, False)
+        loss = float(totals[0] / totals[1].clamp(min=1))
+        lr = self.optimizer.param_groups[0]["lr"]
+        updated, grad_norm = False, float("nan")
+        if math.isfinite(loss):
+            updated, grad_norm = guarded_step(self.optimizer, self.cfg.optim.clip_grad)
+        if updated:
+            self.scheduler.step(increment=1)
+        else:
+            self._count_skip(loss, grad_norm)
+        self.step += 1
+        self.consumed_samples += self.cfg.training.global_batch_size
+        return StepResult(
+            loss=loss,
+            grad_norm=grad_norm,
+            lr=lr,
+            tokens=int(totals[1]),
+            updated=updated,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _count_skip(self, loss: float, grad_norm: float) -> None:
+        self.skipped_steps += 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"grad norm {grad_norm}"
+        budget = self.cfg.training.skip_nonfinite_steps
+        if self.skipped_steps > budget:
+            raise NonFiniteError(
+                f"non-finite {what} at step {self.step + 1}; stopping (skipped "
+                f"{self.skipped_steps - 1} of --skip-nonfinite-steps {budget} so far)"
+            )
+        log.warning(f"step {self.step + 1}: non-finite {what}, update skipped "
+                    f"({self.skipped_steps}/{budget})")
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, iters: int) -> float:
+        """Mean validation loss over ``iters`` micro-batches per DP rank (fixed samples)."""
+        for chunk in self.model:
+            chunk.eval()
+        iterators = self._iterators(dataset, 0)
+        totals = self._forward_backward(iterators, iters, True)
+        for chunk in self.model:
+            chunk.train()
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self) -> list[StepResult]:
+        """Train for --train-iters steps, logging every --log-interval; returns each step."""
+        tr, lg = self.cfg.training, self.cfg.logging
+        history: list[StepResult] = []
+        window: list[StepResult] = []
+        while self.step < tr.train_iters:
+            result = self.train_step()
+            history.append(result)
+            window.append(result)
+            if self.step % lg.log_interval == 0 or self.step == tr.train_iters:
+                self._log(window)
+                window = []
+            if tr.eval_interval and self.step % tr.eval_interval == 0 and self.valid_ds is not None:
+                self._log_eval()
+        return history
+
+    def _log(self, window: list[StepResult]) -> None:
+        last = window[-1]
+        seconds = sum(r.seconds for r in window)
+        tokens = len(window) * self.cfg.training.global_batch_size * self.cfg.data.seq_length
+        values = {
+            "loss": last.loss,
+            "lr": last.lr,
+            "grad_norm": last.grad_norm,
+            "tokens_per_s": tokens / seconds,
+            "ms_per_step": 1000.0 * seconds / len(window),
+        }
+        peak = metrics.peak_tflops()
+        if peak is not None:
+            tflops = self._flops_per_token * tokens / seconds / 1e12 / self.world_size
+            values.update(tflops_per_gpu=tflops, mfu=tflops / peak)
+        self.writer.console(self.step, self.cfg.training.train_iters, values)
+        self.writer.scalars(self.step, values, prefix="train/")
+
+    def _log_eval(self) -> None:
+        loss = self.evaluate(self.valid_ds, self.cfg.training.eval_iters)
+        ppl = math.exp(min(loss, 50.0))
+        self.writer.console(self.step, self.cfg.training.train_iters, {"val_loss": loss, "val_ppl": ppl})
+        self.writer.scalars(self.step, {"loss": loss, "ppl": ppl}, prefix="valid/")
+
+    def close(self) -> None:
+        """Flush logs."""
+        self.writer.close()
+
