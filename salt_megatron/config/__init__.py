@@ -1,4 +1,4 @@
-"""The typed config tree, its YAML/flag reader, and the single adapter into megatron-core configs."""
+"""The typed config tree, its YAML/flag reader, and the one adapter into megatron-core configs."""
 
 from salt_megatron.config.cli import build_parser, from_dict, parse_config, to_dict
 from salt_megatron.config.schema import (
@@ -10,8 +10,8 @@ from salt_megatron.config.schema import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
-    TeacherModelConfig,
     SaltConfig,
+    TeacherModelConfig,
     TrainingConfig,
 )
 
@@ -24,8 +24,8 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
-    "TeacherModelConfig",
     "SaltConfig",
+    "TeacherModelConfig",
     "TrainingConfig",
     "build_parser",
     "from_dict",

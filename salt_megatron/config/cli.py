@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import itertools
 import sys
 import textwrap
 import types
@@ -36,10 +37,10 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+        for node, nxt in itertools.pairwise(body):
+            is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            if is_field and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
 
 
@@ -129,7 +130,7 @@ def _check_type(section: str, name: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [str(v) for v in value]
-    if base is int and isinstance(value, bool) or not isinstance(value, base):
+    if (base is int and isinstance(value, bool)) or not isinstance(value, base):
         raise ConfigError(f"{where}: expected {base.__name__}, got {value!r}")
     return value
 

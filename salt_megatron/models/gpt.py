@@ -35,7 +35,7 @@ def have_transformer_engine() -> bool:
     """Whether Transformer Engine imports in this environment."""
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+    except Exception:
         return False
     return True
 
@@ -68,9 +68,13 @@ class SeededTransformerLayer(TransformerLayer):
     """
 
     def __init__(self, config: TransformerConfig, *args: Any, init_seed: int = 0, **kwargs: Any):
-        pg_collection = kwargs.get("pg_collection") or ProcessGroupCollection.use_mpu_process_groups()
+        pg_collection = (
+            kwargs.get("pg_collection") or ProcessGroupCollection.use_mpu_process_groups()
+        )
         local_number = kwargs.get("layer_number", args[1] if len(args) > 1 else 1)
-        offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"), get_pg_rank(pg_collection.pp))
+        offset = get_transformer_layer_offset(
+            config, kwargs.get("vp_stage"), get_pg_rank(pg_collection.pp)
+        )
         torch.manual_seed(init_seed * 100_003 + local_number + offset)
         super().__init__(config, *args, **kwargs)
 

@@ -2,9 +2,9 @@
 
 from salt_megatron.runtime.distributed import (
     backend,
-    device,
     destroy_distributed,
+    device,
     init_distributed,
 )
 
-__all__ = ["backend", "device", "destroy_distributed", "init_distributed"]
+__all__ = ["backend", "destroy_distributed", "device", "init_distributed"]

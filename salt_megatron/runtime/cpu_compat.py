@@ -92,7 +92,7 @@ def enable() -> bool:
 
     mc_random._get_cuda_rng_state = _cpu_rng_get
     mc_random._set_cuda_rng_state = _cpu_rng_set
-    # The tracker warns whenever the CPU RNG moves inside a fork; on CPU that RNG *is* the forked one.
+    # The tracker warns whenever the CPU RNG moves inside a fork: on CPU that RNG is the forked one.
     logging.getLogger(mc_random.__name__).setLevel(logging.ERROR)
 
     _CudaToCpuMode().__enter__()

@@ -166,8 +166,10 @@ class Trainer:
                 f"non-finite {what} at step {self.step + 1}; stopping (skipped "
                 f"{self.skipped_steps - 1} of --skip-nonfinite-steps {budget} so far)"
             )
-        log.warning(f"step {self.step + 1}: non-finite {what}, update skipped "
-                    f"({self.skipped_steps}/{budget})")
+        log.warning(
+            f"step {self.step + 1}: non-finite {what}, update skipped "
+            f"({self.skipped_steps}/{budget})"
+        )
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,10 +221,11 @@ class Trainer:
     def _log_eval(self) -> None:
         loss = self.evaluate(self.valid_ds, self.cfg.training.eval_iters)
         ppl = math.exp(min(loss, 50.0))
-        self.writer.console(self.step, self.cfg.training.train_iters, {"val_loss": loss, "val_ppl": ppl})
+        self.writer.console(
+            self.step, self.cfg.training.train_iters, {"val_loss": loss, "val_ppl": ppl}
+        )
         self.writer.scalars(self.step, {"loss": loss, "ppl": ppl}, prefix="valid/")
 
     def close(self) -> None:
         """Flush logs."""
         self.writer.close()
-

@@ -20,10 +20,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _worker(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any
+) -> None:
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
     )
     import torch
 
@@ -34,7 +40,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
         init_distributed()
         result = fn(*args)
         queue.put((rank, "ok", result))
-    except BaseException:  # noqa: BLE001 - report every failure to the parent
+    except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         raise
     finally:
@@ -44,7 +50,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """Call ``fn(*args)`` on ``world_size`` ranks; return the per-rank results in rank order.
 
-    ``fn`` must be importable (module level). Any rank's exception fails the call with its traceback.
+    ``fn`` must be importable (module level). Any rank's exception fails the call, with its
+    traceback.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()

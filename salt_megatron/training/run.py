@@ -1,0 +1,27 @@
+"""One training job from a validated config, after torch.distributed is up."""
+
+from __future__ import annotations
+
+import math
+
+import torch.distributed as dist
+
+from salt_megatron.config.schema import SaltConfig
+from salt_megatron.training.data import build_run_data
+from salt_megatron.training.logger import log
+from salt_megatron.training.trainer import Trainer
+
+
+def run(cfg: SaltConfig) -> int:
+    """Build data and the student, train, run the final test evaluation; returns an exit code."""
+    dp = cfg.data_parallel_size(dist.get_world_size())
+    data = build_run_data(cfg, dp)
+    trainer = Trainer(cfg, (data.train, data.valid), data.vocab_size)
+    try:
+        trainer.train()
+        if data.test is not None and cfg.training.eval_interval:
+            loss = trainer.evaluate(data.test, cfg.training.eval_iters)
+            log.info(f"test loss {loss:.4f} | test ppl {math.exp(min(loss, 50.0)):.2f}")
+    finally:
+        trainer.close()
+    return 0
