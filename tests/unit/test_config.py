@@ -32,15 +32,14 @@ def test_defaults_flags_and_yaml_precedence(tmp_path: Path) -> None:
 
 
 def test_megatron_style_flags() -> None:
-    cfg = parse_config(
-        [
+    argv = [
             "--mock-data", "--tensor-model-parallel-size", "2",
             "--pipeline-model-parallel-size", "2", "--micro-batch-size", "4",
             "--global-batch-size", "32", "--seq-length", "256", "--lr", "3e-4", "--no-swiglu",
             "--teacher-num-layers", "2", "--kd-steps", "10", "--kd-schedule", "linear_ratio",
             "--kd-data", "1", "a", "2", "b",
-        ]  # fmt: skip
-    )
+    ]  # fmt: skip
+    cfg = parse_config(argv)
     assert (cfg.training.micro_batch_size, cfg.training.global_batch_size) == (4, 32)
     assert cfg.data.seq_length == 256 and cfg.optim.lr == 3e-4 and not cfg.model.swiglu
     assert cfg.teacher.num_layers == 2 and cfg.model.num_layers == 4
