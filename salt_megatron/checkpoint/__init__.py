@@ -1,1 +1,1 @@
-"""salt_megatron.checkpoint."""
+"""Checkpoint layout, atomic dist-checkpoint save/load, resumable trainer state."""

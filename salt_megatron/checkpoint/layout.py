@@ -1,0 +1,77 @@
+"""On-disk layout of our checkpoints (shared by the trainer's save/load and the teacher loader).
+
+    <root>/latest_checkpointed_iteration.txt   the step of the newest complete checkpoint
+    <root>/iter_0000100/                       one megatron dist_checkpointing directory
+    <root>/iter_0000100/salt_meta.json         step, config tree, tokenizer fingerprint, vocab
+
+Model weights live in the dist checkpoint under the key ``model`` (``model0``, ``model1``, ... for
+virtual pipeline chunks); their sharded keys are global (layer numbers across all stages), so a
+model built at any TP/PP/VPP layout can load them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from torch import nn
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+META_FILE = "salt_meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or mismatched checkpoint; the message names the path."""
+
+
+def iteration_dir(root: str, step: int) -> str:
+    """Directory of the checkpoint saved after ``step`` optimizer steps."""
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def read_latest_step(root: str) -> int | None:
+    """The step named by the tracker file, or None when ``root`` has no checkpoint yet."""
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected a step number, found {text!r}")
+    return int(text)
+
+
+def write_meta(ckpt_dir: str, meta: dict[str, Any]) -> None:
+    """Write the checkpoint's metadata (JSON)."""
+    with open(os.path.join(ckpt_dir, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def read_meta(ckpt_dir: str) -> dict[str, Any]:
+    """Read the checkpoint's metadata; a missing or unparsable file is a CheckpointError."""
+    path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt_dir}: incomplete checkpoint, {META_FILE} is missing")
+    try:
+        with open(path) as f:
+            meta: dict[str, Any] = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupt metadata ({exc})") from None
+    return meta
+
+
+def unwrap(chunk: nn.Module) -> nn.Module:
+    """The GPT module inside a DDP (or other ``.module``) wrapper."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def model_sharded_state_dict(chunks: list[nn.Module]) -> dict[str, Any]:
+    """``{"model": ...}`` or ``{"model0": ..., "model1": ...}``: the weights' sharded state."""
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}  # type: ignore[operator]
+    return {
+        f"model{i}": unwrap(chunk).sharded_state_dict()  # type: ignore[operator]
+        for i, chunk in enumerate(chunks)
+    }
