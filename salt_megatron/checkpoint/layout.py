@@ -35,7 +35,8 @@ def read_latest_step(root: str) -> int | None:
     path = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path) as f:
+        text = f.read().strip()
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected a step number, found {text!r}")
     return int(text)
