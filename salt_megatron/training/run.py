@@ -16,7 +16,16 @@ def run(cfg: SaltConfig) -> int:
     """Build data and the student, train, run the final test evaluation; returns an exit code."""
     dp = cfg.data_parallel_size(dist.get_world_size())
     data = build_run_data(cfg, dp)
-    trainer = Trainer(cfg, (data.train, data.valid), data.vocab_size)
+    kd_train = None
+    if cfg.distill.enabled and cfg.distill.kd_data_path:
+        kd_train = build_run_data(cfg, dp, blend=cfg.distill.kd_data_path).train
+    trainer = Trainer(
+        cfg,
+        (data.train, data.valid),
+        data.vocab_size,
+        kd_train=kd_train,
+        tokenizer_fingerprint=data.tokenizer.fingerprint,
+    )
     try:
         trainer.train()
         if data.test is not None and cfg.training.eval_interval:

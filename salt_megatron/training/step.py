@@ -27,19 +27,55 @@ def to_device(batch: Batch) -> Batch:
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
-def masked_token_loss(
-    loss_mask_bs: torch.Tensor, losses_bs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Reduce per-token losses ``[b, s]`` to (sum over valid tokens, valid count, report).
+#: Per-micro-batch sums reported by every loss function, then summed over micro-batches and
+#: data-parallel ranks: total loss, LM (cross-entropy) term, KD term, teacher/student top-1
+#: agreement, and the count of valid tokens they are normalised by.
+METRICS = ("loss", "lm_loss", "kd_loss", "top1_agree", "tokens")
 
-    ``report["lm loss"]`` is ``[sum, count]`` (float32), summed over micro-batches and DP ranks by
-    the trainer for logging.
+
+def reduce_token_losses(
+    loss_mask_bs: torch.Tensor,
+    total_bs: torch.Tensor,
+    lm_bs: torch.Tensor | None = None,
+    kd_bs: torch.Tensor | None = None,
+    agree_bs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Reduce per-token ``[b, s]`` losses to megatron's (sum, valid count, report) contract.
+
+    Only ``total_bs`` carries gradient. ``report["metrics"]`` holds the float32 sums in
+    :data:`METRICS` order (``lm_bs`` defaults to ``total_bs``, the others to 0).
     """
     mask = loss_mask_bs.reshape(-1).float()
-    loss_sum = (losses_bs.reshape(-1).float() * mask).sum()
+
+    def masked_sum(x: torch.Tensor | None) -> torch.Tensor:
+        if x is None:
+            return mask.new_zeros(())
+        return (x.reshape(-1).float() * mask).sum()
+
+    loss_sum = masked_sum(total_bs)
     count = mask.sum()
-    report = torch.stack([loss_sum.detach(), count])
-    return loss_sum, count.to(torch.int), {"lm loss": report}
+    lm_sum = loss_sum if lm_bs is None else masked_sum(lm_bs)
+    report = torch.stack(
+        [loss_sum, lm_sum, masked_sum(kd_bs), masked_sum(agree_bs), count]
+    ).detach()
+    return loss_sum, count.to(torch.int), {"metrics": report}
+
+
+def read_batch(
+    data_iterator: Iterator[Batch] | None, model: torch.nn.Module
+) -> tuple[Batch | None, bool, bool]:
+    """This stage's micro-batch (None for middle stages) and the chunk's (pre, post) flags."""
+    pre = bool(get_attr_wrapped_model(model, "pre_process"))
+    post = bool(get_attr_wrapped_model(model, "post_process"))
+    batch = to_device(next(data_iterator)) if data_iterator is not None else None
+    return batch, pre, post
+
+
+def stage_inputs(batch: Batch | None, pre: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Tokens and position ids for a first stage; None for later stages."""
+    if batch is None or not pre:
+        return None, None
+    return batch["tokens"], batch["position_ids"]
 
 
 def lm_forward_step(
@@ -50,21 +86,18 @@ def lm_forward_step(
     First stages feed tokens, the last stage passes labels and gets ``[b, s]`` losses back; middle
     stages read no data (their input comes from the previous stage).
     """
-    pre = get_attr_wrapped_model(model, "pre_process")
-    post = get_attr_wrapped_model(model, "post_process")
-    batch = to_device(next(data_iterator)) if data_iterator is not None else None
-    tokens = batch["tokens"] if batch is not None and pre else None
-    position_ids = batch["position_ids"] if batch is not None and pre else None
+    batch, pre, post = read_batch(data_iterator, model)
+    tokens, position_ids = stage_inputs(batch, pre)
     labels = batch["labels"] if batch is not None and post else None
     output = model(tokens, position_ids, None, labels=labels)
     loss_mask = batch["loss_mask"] if batch is not None and post else torch.empty(0)
-    return output, partial(masked_token_loss, loss_mask)
+    return output, partial(reduce_token_losses, loss_mask)
 
 
-def sum_reports(reports: list[dict[str, Any]], key: str) -> torch.Tensor:
-    """Sum ``[sum, count]`` reports over micro-batches (zeros when this stage has none)."""
-    total = torch.zeros(2, dtype=torch.float32, device=device())
+def sum_reports(reports: list[dict[str, Any]]) -> torch.Tensor:
+    """Sum the :data:`METRICS` reports over micro-batches (zeros on stages without a loss)."""
+    total = torch.zeros(len(METRICS), dtype=torch.float32, device=device())
     for report in reports:
-        if key in report:
-            total += report[key].to(total.device)
+        if "metrics" in report:
+            total += report["metrics"].to(total.device)
     return total

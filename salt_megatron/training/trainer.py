@@ -20,7 +20,8 @@ from salt_megatron.parallel.state import StudentLayout, init_student_parallel, r
 from salt_megatron.training import metrics
 from salt_megatron.training.logger import MetricsWriter, log, setup_console
 from salt_megatron.training.optimizer import build_optimizer, build_scheduler, guarded_step
-from salt_megatron.training.step import lm_forward_step, sum_reports
+from salt_megatron.training.phase import KDPhase
+from salt_megatron.training.step import METRICS, lm_forward_step, sum_reports
 
 
 class NonFiniteError(RuntimeError):
@@ -32,6 +33,10 @@ class StepResult:
     """What one optimizer step produced (identical on every rank)."""
 
     loss: float
+    lm_loss: float
+    kd_loss: float
+    top1_agree: float
+    kd_weight: float
     grad_norm: float
     lr: float
     tokens: int
@@ -42,10 +47,19 @@ class StepResult:
 class Trainer:
     """Builds the student on megatron's global parallel state and trains it.
 
-    ``datasets`` is ``(train, valid)``: indexable GPT datasets yielding megatron's sample dicts.
+    ``datasets`` is ``(train, valid)``: indexable GPT datasets yielding megatron's sample dicts;
+    ``kd_train`` an optional separate training set for the KD phase (SALT_DS selection).
+    ``tokenizer_fingerprint`` identifies the tokenizer (checked against the teacher's).
     """
 
-    def __init__(self, cfg: SaltConfig, datasets: tuple[Any, Any | None], vocab_size: int) -> None:
+    def __init__(
+        self,
+        cfg: SaltConfig,
+        datasets: tuple[Any, Any | None],
+        vocab_size: int,
+        kd_train: Any | None = None,
+        tokenizer_fingerprint: str = "",
+    ) -> None:
         self.cfg = cfg
         self.layout: StudentLayout = init_student_parallel(cfg.parallel, cfg.training.seed)
         self.world_size = dist.get_world_size()
@@ -67,7 +81,11 @@ class Trainer:
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, self.is_logging_rank)
-        self.train_iters = self._iterators(self.train_ds, 0)
+        self.kd = KDPhase(
+            cfg, self.layout, self.padded_vocab, tokenizer_fingerprint, kd_train, self.writer
+        )
+        self.train_iters: list[MicroBatchIterator | None] = []
+        self.reset_data_position()
         self._flops_per_token = metrics.train_flops_per_token(
             cfg.model, cfg.data.seq_length, self.padded_vocab
         )
@@ -94,6 +112,11 @@ class Trainer:
             cfg.grad_sync_func = sync[0] if len(sync) == 1 else sync  # type: ignore[assignment]
         cfg.finalize_model_grads_func = finalize_model_grads
 
+    def reset_data_position(self) -> None:
+        """(Re)build the training iterators for the current step (after a load, at the switch)."""
+        dataset, consumed = self.kd.data_position(self.step, self.train_ds)
+        self.train_iters = self._iterators(dataset, consumed)
+
     def _iterators(self, dataset: Any, consumed: int) -> list[MicroBatchIterator | None]:
         uses = [bool(c.module.pre_process or c.module.post_process) for c in self.model]
         return stage_iterators(
@@ -107,14 +130,18 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def _forward_backward(
-        self, iterators: list[MicroBatchIterator | None], n_micro: int, forward_only: bool
+        self,
+        iterators: list[MicroBatchIterator | None],
+        n_micro: int,
+        forward_only: bool,
+        forward_step: Any = lm_forward_step,
     ) -> torch.Tensor:
-        """Run the schedule; return the global ``[loss_sum, token_count]`` on every rank."""
+        """Run the schedule; return the global :data:`METRICS` sums on every rank."""
         fwd_bwd = get_forward_backward_func()
         interleaved = self.layout.vpp is not None
         tr = self.cfg.training
         reports = fwd_bwd(
-            forward_step_func=lm_forward_step,
+            forward_step_func=forward_step,
             data_iterator=iterators if interleaved else iterators[0],
             model=self.model if interleaved else self.model[0],
             num_microbatches=n_micro,
@@ -122,7 +149,7 @@ class Trainer:
             micro_batch_size=tr.micro_batch_size,
             forward_only=forward_only,
         )
-        totals = sum_reports(reports, "lm loss")
+        totals = sum_reports(reports)
         if self.layout.is_last_stage:
             dist.all_reduce(totals, group=self.layout.dp_group)
         else:
@@ -136,8 +163,14 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        totals = self._forward_backward(self.train_iters, self.num_microbatches, False)
-        loss = float(totals[0] / totals[1].clamp(min=1))
+        if self.kd.sync(self.step):
+            self.reset_data_position()  # the KD phase just ended: switch to the main data
+        forward_step = self.kd.forward_step(self.step) or lm_forward_step
+        totals = self._forward_backward(
+            self.train_iters, self.num_microbatches, False, forward_step
+        )
+        means = (totals / totals[-1].clamp(min=1)).tolist()
+        loss = means[0]
         lr = self.optimizer.param_groups[0]["lr"]
         updated, grad_norm = False, float("nan")
         if math.isfinite(loss):
@@ -150,9 +183,13 @@ class Trainer:
         self.consumed_samples += self.cfg.training.global_batch_size
         return StepResult(
             loss=loss,
+            lm_loss=means[METRICS.index("lm_loss")],
+            kd_loss=means[METRICS.index("kd_loss")],
+            top1_agree=means[METRICS.index("top1_agree")],
+            kd_weight=self.kd.weight(self.step - 1),
             grad_norm=grad_norm,
             lr=lr,
-            tokens=int(totals[1]),
+            tokens=int(totals[-1]),
             updated=updated,
             seconds=time.perf_counter() - start,
         )
@@ -181,7 +218,7 @@ class Trainer:
         totals = self._forward_backward(iterators, iters, True)
         for chunk in self.model:
             chunk.train()
-        return float(totals[0] / totals[1].clamp(min=1))
+        return float(totals[METRICS.index("lm_loss")] / totals[-1].clamp(min=1))
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> list[StepResult]:
@@ -206,6 +243,16 @@ class Trainer:
         tokens = len(window) * self.cfg.training.global_batch_size * self.cfg.data.seq_length
         values = {
             "loss": last.loss,
+            "lm_loss": last.lm_loss,
+        }
+        if self.cfg.distill.enabled:
+            values.update(
+                kd_loss=last.kd_loss,
+                kd_weight=last.kd_weight,
+                top1_agree=last.top1_agree,
+                teacher_time_share=self.kd.take_teacher_seconds() / seconds,
+            )
+        values |= {
             "lr": last.lr,
             "grad_norm": last.grad_norm,
             "tokens_per_s": tokens / seconds,
@@ -227,5 +274,6 @@ class Trainer:
         self.writer.scalars(self.step, {"loss": loss, "ppl": ppl}, prefix="valid/")
 
     def close(self) -> None:
-        """Flush logs."""
+        """Release the teacher if it is still held; flush logs."""
+        self.kd.close()
         self.writer.close()

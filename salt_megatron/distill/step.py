@@ -1,0 +1,74 @@
+"""The KD-phase forward step: teacher soft targets + student logits -> the SALT loss.
+
+On the student's last pipeline stage (where the teacher lives) each micro-batch runs the frozen
+teacher on the same tokens, receives its logits in the student's vocabulary layout, runs the
+student without labels (vocab-parallel logits), and computes per token
+``(1 - w) * CE(student, labels) + w * KD(student, teacher)`` with the fused vocab-parallel loss.
+Earlier stages run the plain student forward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from salt_megatron.config.schema import DistillConfig
+from salt_megatron.data.batches import Batch
+from salt_megatron.loss import KDStats, kd_cross_entropy
+from salt_megatron.training.step import LossFunc, read_batch, reduce_token_losses, stage_inputs
+
+
+def _kd_reduce(
+    loss_mask_bs: torch.Tensor, stats: KDStats, loss_bs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    return reduce_token_losses(loss_mask_bs, loss_bs, stats.ce, stats.kd, stats.top1_agree)
+
+
+@dataclass
+class KDForwardStep:
+    """Callable forward step for megatron's schedules during the KD phase.
+
+    ``weight`` is set by the trainer before each optimizer step; ``teacher_seconds`` accumulates
+    the wall-clock time of teacher forwards (synchronised on GPU) for the time-share metric.
+    """
+
+    teacher: Any
+    distill: DistillConfig
+    tp_group: Any
+    weight: float = 0.0
+    teacher_seconds: float = field(default=0.0)
+
+    def _teacher_logits_bsv(self, batch: Batch) -> torch.Tensor:
+        start = time.perf_counter()
+        logits_sbv = self.teacher.student_layout_logits(batch["tokens"], batch["position_ids"])
+        if logits_sbv.is_cuda:
+            torch.cuda.synchronize()
+        self.teacher_seconds += time.perf_counter() - start
+        return logits_sbv.transpose(0, 1)
+
+    def __call__(
+        self, data_iterator: Iterator[Batch] | None, model: torch.nn.Module
+    ) -> tuple[torch.Tensor, LossFunc]:
+        batch, pre, post = read_batch(data_iterator, model)
+        tokens, position_ids = stage_inputs(batch, pre)
+        if batch is None or not post:
+            return model(tokens, position_ids, None), partial(reduce_token_losses, torch.empty(0))
+        teacher_bsv = self._teacher_logits_bsv(batch)
+        student_bsv = model(tokens, position_ids, None)  # no labels: logits [b, s, V/tp]
+        loss_bs, stats = kd_cross_entropy(
+            student_bsv,
+            teacher_bsv,
+            batch["labels"],
+            self.weight,
+            self.distill.kd_temperature,
+            self.tp_group,
+            t2_scaling=self.distill.kd_t2_scaling,
+            loss_mask=batch["loss_mask"],
+            return_stats=True,
+        )
+        return loss_bs, partial(_kd_reduce, batch["loss_mask"], stats)

@@ -1,0 +1,133 @@
+"""SALT's two phases in the trainer: KD with a colocated teacher, then plain next-token training.
+
+:class:`KDPhase` owns the teacher's lifecycle (built when a step inside the KD phase is about to
+run, on a fresh start or a resume; released at the first step past ``n_kd``), the per-step KD
+weight, the KD forward step, and which dataset (and sample offset) the current step reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+import torch
+
+from salt_megatron.config.schema import SaltConfig
+from salt_megatron.distill.schedule import in_kd_phase, weight_for
+from salt_megatron.distill.step import KDForwardStep
+from salt_megatron.parallel.state import StudentLayout
+from salt_megatron.training.logger import MetricsWriter, log
+
+
+def memory_in_use() -> int:
+    """Bytes in use: allocated GPU memory on CUDA, else this process's resident set."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    return int(psutil.Process().memory_info().rss)
+
+
+class KDPhase:
+    """The KD phase of one run (inactive when distillation is off)."""
+
+    def __init__(
+        self,
+        cfg: SaltConfig,
+        layout: StudentLayout,
+        padded_vocab: int,
+        tokenizer_fingerprint: str,
+        kd_train: Any | None,
+        writer: MetricsWriter | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self.padded_vocab = padded_vocab
+        self.fingerprint = tokenizer_fingerprint
+        self.kd_train = kd_train
+        self.step_fn: KDForwardStep | None = None
+        self.released_bytes: int | None = None
+        self.writer = writer
+
+    def weight(self, step: int) -> float:
+        """KD weight of the 0-based step ``step``."""
+        return weight_for(self.cfg.distill, step)
+
+    def data_position(self, step: int, main_train: Any) -> tuple[Any, int]:
+        """Dataset and consumed-sample offset that step ``step`` reads from.
+
+        With a separate KD blend (``--kd-data-path``) the KD phase reads it from sample 0 and the
+        main data starts from its sample 0 at the switch; otherwise one stream runs throughout.
+        """
+        gbs = self.cfg.training.global_batch_size
+        if self.kd_train is None:
+            return main_train, step * gbs
+        if in_kd_phase(self.cfg.distill, step):
+            return self.kd_train, step * gbs
+        return main_train, (step - self.cfg.distill.kd_steps) * gbs
+
+    def sync(self, step: int) -> bool:
+        """Build or release the teacher for ``step``; True when the data stream must switch."""
+        if in_kd_phase(self.cfg.distill, step):
+            if self.step_fn is None:
+                self._build()
+            return False
+        if self.step_fn is None:
+            return False
+        self._release(step)
+        return self.kd_train is not None
+
+    def forward_step(self, step: int) -> KDForwardStep | None:
+        """The KD forward step with this step's weight, or None outside the KD phase."""
+        if self.step_fn is None:
+            return None
+        self.step_fn.weight = self.weight(step)
+        return self.step_fn
+
+    def take_teacher_seconds(self) -> float:
+        """Teacher forward seconds since the last call (0 outside the KD phase)."""
+        if self.step_fn is None:
+            return 0.0
+        seconds, self.step_fn.teacher_seconds = self.step_fn.teacher_seconds, 0.0
+        return seconds
+
+    def _build(self) -> None:
+        from salt_megatron.teacher import Teacher
+
+        lay = self.layout
+        teacher = Teacher.build(
+            self.cfg,
+            lay.tp_group,
+            lay.tp_rank,
+            lay.tp,
+            lay.is_last_stage,
+            self.padded_vocab,
+            self.fingerprint,
+        )
+        self.step_fn = KDForwardStep(teacher, self.cfg.distill, lay.tp_group)
+        log.info(
+            f"KD phase: teacher from {self.cfg.distill.kd_teacher_load} for "
+            f"{self.cfg.distill.kd_steps} steps, schedule {self.cfg.distill.kd_schedule}"
+        )
+
+    def _release(self, step: int) -> None:
+        assert self.step_fn is not None
+        before = memory_in_use()
+        teacher = self.step_fn.teacher
+        self.step_fn = None
+        freed = teacher.release() if teacher is not None else 0
+        del teacher
+        after = memory_in_use()
+        self.released_bytes = freed
+        if self.writer is not None:
+            mib = {"teacher_freed_mib": freed, "memory_before_release_mib": before,
+                   "memory_after_release_mib": after}  # fmt: skip
+            self.writer.scalars(step, {k: v / 2**20 for k, v in mib.items()}, prefix="kd/")
+        log.info(
+            f"step {step}: KD phase over, teacher released: {freed / 2**20:.1f} MiB of teacher "
+            f"state freed, memory in use {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+        )
+
+    def close(self) -> None:
+        """Release a teacher still held (a run that stops inside the KD phase)."""
+        if self.step_fn is not None and self.step_fn.teacher is not None:
+            self.step_fn.teacher.release()
+        self.step_fn = None
