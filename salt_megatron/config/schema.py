@@ -338,6 +338,8 @@ class LoggingConfig:
     """Steps between console lines and TensorBoard scalars."""
     tensorboard_dir: str | None = None
     """Write TensorBoard event files here (rank 0 of the last stage)."""
+    metrics_file: str | None = None
+    """Append every logged scalar as a JSON line {"step", "group", name: value} to this file."""
 
     def __post_init__(self) -> None:
         _positive(self, "", "log_interval")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger("salt_megatron")
 
@@ -21,16 +23,26 @@ def setup_console(is_logging_rank: bool) -> None:
 class MetricsWriter:
     """Formats a step's metrics for the console and writes them to TensorBoard."""
 
-    def __init__(self, tensorboard_dir: str | None, enabled: bool) -> None:
+    def __init__(
+        self, tensorboard_dir: str | None, enabled: bool, metrics_file: str | None = None
+    ) -> None:
         self.enabled = enabled
         self._tb: Any = None
+        self._jsonl: IO[str] | None = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+        if enabled and metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            self._jsonl = open(metrics_file, "a")  # noqa: SIM115 - held open for the run
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-        """Write ``values`` as TensorBoard scalars ``prefix + name`` at ``step``."""
+        """Write ``values`` as TensorBoard scalars ``prefix + name`` (and a JSON line)."""
+        if self._jsonl is not None:
+            record = {"step": step, "group": prefix.rstrip("/"), **values}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
         if self._tb is None:
             return
         for name, value in values.items():
@@ -49,6 +61,9 @@ class MetricsWriter:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
 
 
 def _fmt(value: float) -> str:

@@ -80,7 +80,9 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
-        self.writer = MetricsWriter(cfg.logging.tensorboard_dir, self.is_logging_rank)
+        self.writer = MetricsWriter(
+            cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file
+        )
         self.kd = KDPhase(
             cfg, self.layout, self.padded_vocab, tokenizer_fingerprint, kd_train, self.writer
         )
