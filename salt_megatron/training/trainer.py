@@ -80,6 +80,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
+        self.train_seconds = 0.0
         self.writer = MetricsWriter(
             cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file
         )
@@ -230,6 +231,7 @@ class Trainer:
         window: list[StepResult] = []
         while self.step < tr.train_iters:
             result = self.train_step()
+            self.train_seconds += result.seconds
             history.append(result)
             window.append(result)
             if self.step % lg.log_interval == 0 or self.step == tr.train_iters:
@@ -259,6 +261,7 @@ class Trainer:
             "grad_norm": last.grad_norm,
             "tokens_per_s": tokens / seconds,
             "ms_per_step": 1000.0 * seconds / len(window),
+            "elapsed_s": self.train_seconds,
         }
         peak = metrics.peak_tflops()
         if peak is not None:
