@@ -33,6 +33,7 @@ class KDPhase:
         self,
         cfg: SaltConfig,
         layout: StudentLayout,
+        vocab_size: int,
         padded_vocab: int,
         tokenizer_fingerprint: str,
         kd_train: Any | None,
@@ -40,6 +41,7 @@ class KDPhase:
     ) -> None:
         self.cfg = cfg
         self.layout = layout
+        self.vocab_size = vocab_size
         self.padded_vocab = padded_vocab
         self.fingerprint = tokenizer_fingerprint
         self.kd_train = kd_train
@@ -101,6 +103,7 @@ class KDPhase:
             lay.is_last_stage,
             self.padded_vocab,
             self.fingerprint,
+            vocab_size=self.vocab_size,
         )
         self.step_fn = KDForwardStep(teacher, self.cfg.distill, lay.tp_group)
         log.info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,11 +82,20 @@ class Trainer:
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.train_seconds = 0.0
+        self.tokens_seen = 0
+        self.after_step: Callable[[], bool] | None = None
+        """Called after each step (and its log/eval); True stops training (the checkpointer)."""
         self.writer = MetricsWriter(
             cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file
         )
         self.kd = KDPhase(
-            cfg, self.layout, self.padded_vocab, tokenizer_fingerprint, kd_train, self.writer
+            cfg,
+            self.layout,
+            vocab_size,
+            self.padded_vocab,
+            tokenizer_fingerprint,
+            kd_train,
+            self.writer,
         )
         self.train_iters: list[MicroBatchIterator | None] = []
         self.reset_data_position()
@@ -232,6 +242,7 @@ class Trainer:
         while self.step < tr.train_iters:
             result = self.train_step()
             self.train_seconds += result.seconds
+            self.tokens_seen += result.tokens
             history.append(result)
             window.append(result)
             if self.step % lg.log_interval == 0 or self.step == tr.train_iters:
@@ -239,6 +250,8 @@ class Trainer:
                 window = []
             if tr.eval_interval and self.step % tr.eval_interval == 0 and self.valid_ds is not None:
                 self._log_eval()
+            if self.after_step is not None and self.after_step():
+                break
         return history
 
     def _log(self, window: list[StepResult]) -> None:
