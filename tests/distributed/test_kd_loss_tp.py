@@ -1,0 +1,182 @@
+"""kd_cross_entropy across real gloo TP groups (world 2 and 4, one spawn each).
+
+Each worker builds the same full-vocabulary logits on every rank, keeps its contiguous shard,
+and checks: loss, gradient shard and statistics against the dense float64 reference; w=0 against
+megatron-core's vocab_parallel_cross_entropy; exactly two collectives in forward and none in
+backward (a counting wrapper around every torch.distributed collective); unequal shards refused;
+a size-1 group (TP=1) equal to tp_group=None.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed.launcher import run_distributed
+
+V = 64 * 12  # divisible by 1, 2, 4
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "reduce", "all_to_all", "all_to_all_single",
+    "send", "recv", "isend", "irecv", "batch_isend_irecv", "gather", "scatter", "barrier",
+)  # fmt: skip
+
+
+class _CallCounter:
+    """Counts calls of every torch.distributed collective while installed."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> _CallCounter:
+        for name in _COLLECTIVES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def wrapper(*args, _name=name, _orig=original, **kwargs):  # type: ignore[no-untyped-def]
+                self.calls.append(_name)
+                return _orig(*args, **kwargs)
+
+            setattr(dist, name, wrapper)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
+def _full_inputs(dtype: torch.dtype, n_tok: int = 24):
+    gen = torch.Generator().manual_seed(11)
+    s = (torch.randn(n_tok, V, generator=gen) * 3).to(dtype)
+    t = (torch.randn(n_tok, V, generator=gen) * 3).to(dtype)
+    s[:4] = torch.randint(0, 2, (4, V), generator=gen).to(dtype)  # ties across shards
+    t[:4] = s[:4]
+    t[4:6] = torch.randint(0, 2, (2, V), generator=gen).to(dtype)
+    y = torch.randint(0, V, (n_tok,), generator=gen)
+    y[3] = -100
+    mask = torch.ones(n_tok)
+    mask[5] = 0.0
+    return s, t, y, mask
+
+
+def _check_against_reference(group, rank: int, tp: int) -> int:
+    from salt_megatron.loss import kd_cross_entropy, reference_kd_loss
+
+    width = V // tp
+    cols = slice(rank * width, (rank + 1) * width)
+    n_checks = 0
+    for dtype, w, temp in itertools.product(
+        (torch.float32, torch.bfloat16), (0.0, 0.3, 1.0), (1.0, 2.0)
+    ):
+        t2 = w == 0.3  # T^2 scaling on and off, at both temperatures
+        s, t, y, mask = _full_inputs(dtype)
+        upstream = torch.linspace(0.5, 1.5, y.numel())
+        s_shard = s[:, cols].clone().requires_grad_()
+        loss, stats = kd_cross_entropy(
+            s_shard, t[:, cols].clone(), y, w, temp, group,
+            t2_scaling=t2, loss_mask=mask, return_stats=True,
+        )  # fmt: skip
+        (loss * upstream).sum().backward()
+        s64 = s.double().requires_grad_()
+        ref = reference_kd_loss(s64, t, y, w, temp, t2_scaling=t2, loss_mask=mask)
+        (grad64,) = torch.autograd.grad((ref["loss"] * upstream.double()).sum(), s64)
+        torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-5)
+        tol = 1e-6 if dtype == torch.float32 else 8e-3
+        assert s_shard.grad is not None
+        torch.testing.assert_close(s_shard.grad.double(), grad64[:, cols], rtol=tol, atol=tol)
+        for name in ("kd", "ce", "top1_agree"):
+            got = getattr(stats, name).double()
+            torch.testing.assert_close(got, ref[name], rtol=1e-5, atol=1e-5)
+        n_checks += 1
+    return n_checks
+
+
+def _check_megatron_w0(tp: int, rank: int) -> None:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from salt_megatron.loss import kd_cross_entropy
+
+    s, t, y, _ = _full_inputs(torch.float32)
+    y[3] = 5  # megatron has no ignore index
+    width = V // tp
+    cols = slice(rank * width, (rank + 1) * width)
+    mine_leaf = s[:, cols].clone().requires_grad_()
+    meg_leaf = s[:, cols].clone().requires_grad_()
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    mine = kd_cross_entropy(mine_leaf, t[:, cols].clone(), y, 0.0, 2.0, group)
+    theirs = vocab_parallel_cross_entropy(meg_leaf * 1.0, y)
+    torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+    mine.sum().backward()
+    theirs.sum().backward()
+    torch.testing.assert_close(mine_leaf.grad, meg_leaf.grad, rtol=1e-6, atol=1e-7)
+
+
+def _check_collective_count(group, rank: int, tp: int) -> tuple[int, int]:
+    from salt_megatron.loss import kd_cross_entropy
+
+    s, t, y, mask = _full_inputs(torch.bfloat16)
+    width = V // tp
+    s_shard = s[:, rank * width : (rank + 1) * width].clone().requires_grad_()
+    t_shard = t[:, rank * width : (rank + 1) * width].clone()
+    with _CallCounter() as fwd:
+        loss, _ = kd_cross_entropy(
+            s_shard, t_shard, y, 0.5, 2.0, group, loss_mask=mask, return_stats=True
+        )
+    with _CallCounter() as bwd:
+        loss.sum().backward()
+    assert fwd.calls == ["all_reduce", "all_reduce"], fwd.calls
+    assert bwd.calls == [], bwd.calls
+    return len(fwd.calls), len(bwd.calls)
+
+
+def _check_unequal_shards_refused(group, rank: int, tp: int) -> None:
+    from salt_megatron.loss import kd_cross_entropy
+
+    width = V // tp + (1 if rank == 0 else 0)
+    s = torch.randn(4, width)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="differ in width"):
+        kd_cross_entropy(s, s.clone(), y, 0.5, 1.0, group)
+
+
+def _check_size_one_group(rank: int, world: int) -> None:
+    from salt_megatron.loss import kd_cross_entropy
+
+    singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    s, t, y, mask = _full_inputs(torch.float32)
+    with _CallCounter() as counter:
+        a, sa = kd_cross_entropy(
+            s, t, y, 0.3, 2.0, singles[rank], loss_mask=mask, return_stats=True
+        )
+    b, sb = kd_cross_entropy(s, t, y, 0.3, 2.0, None, loss_mask=mask, return_stats=True)
+    assert counter.calls == []
+    assert torch.equal(a, b) and torch.equal(sa.top1_agree, sb.top1_agree)
+
+
+def tp_worker(tp: int) -> dict[str, object]:
+    """Module-level entry point for run_distributed: every check on one TP group of size tp."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    n_checks = _check_against_reference(group, rank, tp)
+    _check_megatron_w0(tp, rank)
+    counts = _check_collective_count(group, rank, tp)
+    _check_unequal_shards_refused(group, rank, tp)
+    _check_size_one_group(rank, dist.get_world_size())
+    return {"reference_checks": n_checks, "collectives_fwd_bwd": counts}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp", [2, 4])
+def test_kd_loss_tensor_parallel(tp: int) -> None:
+    results = run_distributed(tp_worker, tp, tp)
+    for res in results:
+        assert res == {"reference_checks": 12, "collectives_fwd_bwd": (2, 0)}
