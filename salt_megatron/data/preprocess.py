@@ -13,11 +13,13 @@ written last and marks the dataset complete.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -167,6 +169,32 @@ def _commit(prefix: str, tmp_bin: str, tmp_idx: str, tokenizer: SentencePieceTok
     )
 
 
+@contextlib.contextmanager
+def atomic_indexed_builder(output_prefix: str, tokenizer: SentencePieceTokenizer) -> Iterator[Any]:
+    """A megatron ``IndexedDatasetBuilder`` writing to temporary names, committed on success.
+
+    On a clean exit the ``.bin/.idx`` are renamed into place and the tokenizer record written
+    last (the completion mark); on an exception nothing is left behind.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    tmp_bin = f"{output_prefix}.bin.tmp{os.getpid()}"
+    tmp_idx = f"{output_prefix}.idx.tmp{os.getpid()}"
+    builder = None
+    try:
+        builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(tokenizer.vocab_size))
+        yield builder
+        builder.finalize(tmp_idx)
+        _commit(output_prefix, tmp_bin, tmp_idx, tokenizer)
+    finally:
+        if builder is not None:
+            builder.data_file.close()  # finalize() closed it already on success
+        for tmp in (tmp_bin, tmp_idx):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 def preprocess_files(
     inputs: Sequence[str | os.PathLike[str]],
     output_prefix: str,
@@ -183,7 +211,7 @@ def preprocess_files(
     record raises :class:`DataError` naming file and line, unless ``skip_bad_lines``, which
     counts and reports them (``stats.bad_lines``). No output is left behind on failure.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
 
     paths = [str(p) for p in inputs]
     if not paths:
@@ -194,16 +222,9 @@ def preprocess_files(
     tokenizer = SentencePieceTokenizer(tokenizer_model)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     stats = PreprocessStats(output_prefix, np.dtype(dtype).name, max(1, workers))
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp_bin, tmp_idx = (
-        f"{output_prefix}.bin.tmp{os.getpid()}",
-        f"{output_prefix}.idx.tmp{os.getpid()}",
-    )
     total = sum(os.path.getsize(p) for p in paths)
     start = time.perf_counter()
-    builder = None
-    try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    with atomic_indexed_builder(output_prefix, tokenizer) as builder:
         encoded = _encoded_batches(paths, tokenizer.path, json_key, append_eod, workers)
         with tqdm(
             total=total,
@@ -215,13 +236,5 @@ def preprocess_files(
             _write(stats, encoded, builder, skip_bad_lines, bar)
         if stats.documents == 0:
             raise DataError(f"no valid documents in {', '.join(paths)}")
-        builder.finalize(tmp_idx)
-        _commit(output_prefix, tmp_bin, tmp_idx, tokenizer)
-    finally:
-        if builder is not None:
-            builder.data_file.close()  # finalize() closed it already on success
-        for tmp in (tmp_bin, tmp_idx):
-            if os.path.exists(tmp):
-                os.remove(tmp)
     stats.seconds = time.perf_counter() - start
     return stats
