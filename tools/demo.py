@@ -31,7 +31,7 @@ from salt_megatron.data.demo import prepare_demo_data  # noqa: E402
 
 QUICK = {"teacher": ["--train-iters", "40", "--eval-interval", "20"],
          "student": ["--train-iters", "40", "--kd-steps", "16", "--eval-interval", "8",
-                     "--num-layers", "2", "--hidden-size", "128"]}  # fmt: skip
+                     "--num-layers", "2", "--hidden-size", "128", "--log-interval", "4"]}  # fmt: skip
 
 
 @dataclass
