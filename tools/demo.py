@@ -29,9 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from salt_megatron.data.demo import prepare_demo_data  # noqa: E402
 
-QUICK = {"teacher": ["--train-iters", "40", "--eval-interval", "20"],
-         "student": ["--train-iters", "40", "--kd-steps", "16", "--eval-interval", "8",
-                     "--num-layers", "2", "--hidden-size", "128", "--log-interval", "4"]}  # fmt: skip
+QUICK = {
+    "teacher": ["--train-iters", "40", "--eval-interval", "20"],
+    "student": ["--train-iters", "40", "--kd-steps", "16", "--eval-interval", "8",
+                "--num-layers", "2", "--hidden-size", "128", "--log-interval", "4"],
+}  # fmt: skip
 
 
 @dataclass
