@@ -40,11 +40,19 @@ def transformer_config(
     vpp: int | None = None,
     sequence_parallel: bool = False,
     bf16: bool = False,
+    fp8_format: str | None = None,
+    fp8_recipe: str = "delayed",
+    fp8_param: bool = False,
+    tp_only_amax_red: bool = False,
 ) -> TransformerConfig:
     """A megatron-core ``TransformerConfig`` for one model under a (TP, PP, VPP) layout.
 
     Fused CUDA kernels are switched off without a GPU. The loss is summed per token and
     normalised by the global count of valid tokens (``calculate_per_token_loss``).
+    FP8 (``fp8_format``, Transformer Engine layers only): megatron wraps each layer's forward in
+    TE's FP8 autocast (``fp8_utils.get_fp8_context``); ``fp8_param`` also builds the layers under
+    TE's FP8 model-init context (FP8-only weights); ``tp_only_amax_red`` reduces FP8 amaxes
+    over the (global, student) TP group instead of TP x DP.
     """
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -81,6 +89,10 @@ def transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
+        fp8=fp8_format,
+        fp8_recipe=fp8_recipe,
+        fp8_param=fp8_param and fp8_format is not None,
+        tp_only_amax_red=tp_only_amax_red,
     )
 
 
@@ -94,6 +106,25 @@ def student_transformer_config(cfg: SaltConfig) -> TransformerConfig:
         vpp=par.virtual_pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel,
         bf16=cfg.training.bf16,
+        fp8_format=cfg.training.fp8_format,
+        fp8_recipe=cfg.training.fp8_recipe,
+    )
+
+
+def teacher_transformer_config(cfg: SaltConfig, model: ModelConfig) -> TransformerConfig:
+    """The frozen teacher's config: its own TP, PP = 1, no dropout, FP8-only weights under FP8.
+
+    Its FP8 amax reduction runs over the student's TP group (``tp_only_amax_red``): every rank
+    of that group runs one teacher forward per micro-batch (see ``parallel.logits_exchange``).
+    """
+    return transformer_config(
+        model,
+        tp=cfg.parallel.teacher_tensor_model_parallel_size,
+        bf16=cfg.training.bf16,
+        fp8_format=cfg.training.fp8_format,
+        fp8_recipe=cfg.training.fp8_recipe,
+        fp8_param=True,
+        tp_only_amax_red=True,
     )
 
 

@@ -285,6 +285,13 @@ class TrainingConfig:
     """Seed of weights, dropout and data order."""
     bf16: bool = False
     """Train in bfloat16 with float32 main weights and gradients."""
+    fp8_format: Literal["e4m3", "hybrid"] | None = None
+    """FP8 linear layers via Transformer Engine (needs --transformer-impl transformer_engine and
+    an FP8-capable GPU): e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients). The student
+    trains under FP8 autocast; the teacher keeps FP8-only weights. None: no FP8."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling recipe: delayed (amax history), tensorwise (current scaling, TE >= 2.2),
+    blockwise (TE >= 2.3, Hopper), mxfp8 (Blackwell). Used only with --fp8-format."""
     eval_interval: int = 0
     """Steps between validation runs (0 disables)."""
     eval_iters: int = 4
@@ -375,6 +382,11 @@ class SaltConfig:
             self.data.seq_length <= self.model.max_position_embeddings,
             f"--seq-length {self.data.seq_length} exceeds --max-position-embeddings "
             f"{self.model.max_position_embeddings}",
+        )
+        _check(
+            self.training.fp8_format is None or self.model.transformer_impl == "transformer_engine",
+            f"--fp8-format {self.training.fp8_format} needs --transformer-impl "
+            "transformer_engine (FP8 runs in Transformer Engine's layers)",
         )
         _check(
             self.data.mock_data or bool(self.data.data_path),

@@ -1,1 +1,6 @@
-"""salt_megatron.teacher."""
+"""salt_megatron.teacher: the colocated frozen teacher (see ``docs/teacher.md``)."""
+
+from salt_megatron.teacher.checks import TeacherError
+from salt_megatron.teacher.teacher import PAD_LOGIT, Teacher
+
+__all__ = ["PAD_LOGIT", "Teacher", "TeacherError"]

@@ -1,0 +1,102 @@
+"""The teacher's own process groups (a megatron-core ``ProcessGroupCollection``).
+
+The teacher lives on the ranks of the student's last pipeline stage, with PP = 1 and its own
+tensor-parallel size ``t`` (a divisor of the student's ``s``). Inside each last-stage student TP
+group ``[g_0 .. g_{s-1}]`` the teacher TP groups are consecutive runs of ``t`` ranks
+(``[g_0 .. g_{t-1}]``, ``[g_t .. g_{2t-1}]``, ...). The teacher's data-parallel ("replica")
+group joins the teacher ranks holding the same teacher shard: it gives dist-checkpointing unique
+replica ids (one main replica per shard) when loading.
+
+``torch.distributed.new_group`` is collective over the world: :func:`build_teacher_groups` is
+called by *every* rank (including ranks of other pipeline stages, which belong to no teacher
+group) and creates every group in the same order. The size-1 groups for pipeline, context and
+embedding roles are created with ``use_local_synchronization`` (only their member takes part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+
+@dataclass
+class TeacherGroups:
+    """This rank's teacher groups; ``pgs`` is None on ranks that hold no teacher."""
+
+    teacher_tp: int
+    teacher_tp_rank: int
+    pgs: ProcessGroupCollection | None
+    owned: list[Any] = field(default_factory=list)
+    """Groups this rank belongs to and must destroy on release."""
+
+    @property
+    def holds_teacher(self) -> bool:
+        """Whether this rank holds a teacher shard."""
+        return self.pgs is not None
+
+    def destroy(self) -> int:
+        """Destroy the groups this rank belongs to (after a barrier on the teacher TP group).
+
+        Returns the number destroyed. Only teacher ranks own groups; the caller runs this on every
+        teacher rank at the same point (the end of the KD phase), so no collective is in flight.
+        """
+        if self.pgs is not None and self.teacher_tp > 1:
+            dist.barrier(group=self.pgs.tp)
+        count = 0
+        for group in self.owned:
+            dist.destroy_process_group(group)
+            count += 1
+        self.owned.clear()
+        self.pgs = None
+        return count
+
+
+def _last_stage_tp_groups(student_tp_group: Any, is_last_stage: bool) -> list[list[int]]:
+    """Global ranks of every last-stage student TP group, sorted (same list on every rank)."""
+    mine = (bool(is_last_stage), dist.get_process_group_ranks(student_tp_group))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    groups = {tuple(ranks) for last, ranks in gathered if last}
+    return [list(g) for g in sorted(groups)]
+
+
+def build_teacher_groups(
+    student_tp_group: Any, is_last_stage: bool, teacher_tp: int
+) -> TeacherGroups:
+    """Create the teacher's TP and replica groups on every rank (collective over the world).
+
+    Args:
+        student_tp_group: this rank's student TP group (its ranks in student TP rank order).
+        is_last_stage: whether this rank is on the student's last pipeline stage.
+        teacher_tp: teacher TP size ``t``; must divide every student TP group's size.
+    """
+    student_groups = _last_stage_tp_groups(student_tp_group, is_last_stage)
+    me = dist.get_rank()
+    tp_groups: list[list[int]] = []
+    for ranks in student_groups:
+        if len(ranks) % teacher_tp:
+            raise ValueError(f"teacher TP {teacher_tp} does not divide student TP {len(ranks)}")
+        tp_groups += [ranks[i : i + teacher_tp] for i in range(0, len(ranks), teacher_tp)]
+    replica_groups = [[g[j] for g in tp_groups] for j in range(teacher_tp)]
+    owned: list[Any] = []
+    my_tp = my_dp = None
+    for ranks in tp_groups:
+        group = dist.new_group(ranks)
+        if me in ranks:
+            my_tp, tp_rank = group, ranks.index(me)
+    for ranks in replica_groups:
+        group = dist.new_group(ranks)
+        if me in ranks:
+            my_dp = group
+    if my_tp is None or my_dp is None:
+        return TeacherGroups(teacher_tp, 0, None)
+    single = dist.new_group([me], use_local_synchronization=True)
+    owned = [my_tp, my_dp, single]
+    pgs = ProcessGroupCollection(
+        tp=my_tp, pp=single, cp=single, embd=single, pos_embd=single,
+        tp_cp=my_tp, mp=my_tp, dp=my_dp, dp_cp=my_dp,
+    )  # fmt: skip
+    return TeacherGroups(teacher_tp, tp_rank, pgs, owned)
