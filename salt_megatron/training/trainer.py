@@ -16,6 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from salt_megatron.config import megatron as mcfg
 from salt_megatron.config.schema import SaltConfig
 from salt_megatron.data.batches import MicroBatchIterator, stage_iterators
+from salt_megatron.models.fp8 import check_fp8
 from salt_megatron.models.student import build_student_chunks, count_parameters, wrap_ddp
 from salt_megatron.parallel.state import StudentLayout, init_student_parallel, reseed
 from salt_megatron.training import metrics
@@ -62,6 +63,7 @@ class Trainer:
         tokenizer_fingerprint: str = "",
     ) -> None:
         self.cfg = cfg
+        check_fp8(cfg.training.fp8_format, cfg.training.fp8_recipe)  # before any group exists
         self.layout: StudentLayout = init_student_parallel(cfg.parallel, cfg.training.seed)
         self.world_size = dist.get_world_size()
         self.is_logging_rank = dist.get_rank() == self.world_size - 1
