@@ -1,0 +1,413 @@
+"""Capacity planner: per-GPU memory and step time of a SALT run, from its config alone.
+
+Everything here is arithmetic on shapes (no GPU, no process group), so ``tools/plan.py`` runs
+anywhere.
+
+Memory of the busiest rank (bytes):
+
+* **Student weights, gradients, optimizer** per parameter on the rank: with ``--bf16`` the bf16
+  weights (2), float32 gradients (4, megatron reduces in float32), float32 main weights (4) and
+  Adam's m and v (4 + 4): 18 bytes; the distributed optimizer shards the main weights and Adam's
+  states over data-parallel ranks: ``6 + 12 / dp``. In float32: ``16`` or ``8 + 8 / dp``.
+* **Activations** (Korthikanti et al. 2022, "Reducing Activation Recomputation"), per layer and
+  micro-batch, 16-bit: ``s·b·h·(10 + 24/t) + 5·a·s²·b/t`` without sequence parallelism and all of it
+  divided by ``t`` with it (``34 + 5as/h`` at ``t = 1``). The ``24`` generalises to GQA and SwiGLU
+  (``8`` for attention, ``2f/h·(k + 1)`` for an MLP of width ``f`` with ``k`` fc1 outputs); flash
+  attention (Transformer Engine) keeps no ``s²`` scores. With full recomputation only each layer's
+  input stays (``2·s·b·h``, ``/t`` with SP) plus one layer's working set during its recompute. The
+  first pipeline stage holds ``min(pp, micro-batches)`` micro-batches in flight under 1F1B
+  (interleaving multiplies it by ``1 + (pp - 1) / (pp·v)``).
+* **Teacher** (it sits on the student's last pipeline stage at its own TP): its weights in bf16
+  (2 bytes) or FP8 (1, with ``--fp8-format``), plus one layer's no-grad working set.
+* **Logits and the KD loss** on the last stage: the student's logits shard ``s·b·V/t`` and its
+  gradient in the training dtype, the teacher's shard (bf16), a second teacher shard when the
+  teacher's TP differs from the student's (the exchange's receive buffer), and the loss kernel's
+  float32 chunk temporaries (see ``salt_megatron.loss.kd_cross_entropy``).
+
+FLOPs come from :mod:`salt_megatron.training.metrics`. The KD phase's ideal overhead is
+``1 + F_teacher_fwd / F_student_fwd_bwd``; with PP > 1 the teacher's whole forward lands on the last
+stage, so that stage (and the pipeline) slows by ``1 + pp·F_teacher_fwd / F_student_fwd_bwd``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from salt_megatron.config import megatron as mcfg
+from salt_megatron.config.schema import ModelConfig, SaltConfig
+from salt_megatron.training import metrics
+
+GIB = 1024**3
+#: Float32 temporaries of the KD loss per chunk, and the chunk size on a GPU (elements).
+KD_CHUNK_TEMPORARIES = 3
+KD_GPU_CHUNK_ELEMS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The accelerator the plan is for."""
+
+    gpu_memory_gib: float = 80.0
+    gpu_tflops: float = 989.0
+    mfu: float = 0.4
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _norm_params(model: ModelConfig) -> int:
+    return model.hidden_size * (2 if model.normalization == "LayerNorm" else 1)
+
+
+def layer_params(model: ModelConfig, tp: int = 1) -> int:
+    """Parameters of one transformer layer on one TP rank (megatron-core's local/TE layout).
+
+    Column-parallel QKV and fc1 shard weights and biases; row-parallel projection and fc2 shard
+    their weights, and their biases and the two norms are replicated.
+    """
+    h = model.hidden_size
+    head_dim = h // model.num_attention_heads
+    kv = (model.num_query_groups or model.num_attention_heads) * head_dim
+    ffn = mcfg.ffn_hidden_size(model)
+    fc1_out = ffn * (2 if model.swiglu else 1)
+    bias = model.add_bias_linear
+    column = h * (h + 2 * kv) + h * fc1_out + ((h + 2 * kv) + fc1_out if bias else 0)
+    row = h * h + ffn * h
+    replicated = 2 * _norm_params(model) + (2 * h if bias else 0)
+    return column // tp + row // tp + replicated
+
+
+def stage_params(
+    model: ModelConfig, padded_vocab: int, *, tp: int = 1, pp: int = 1, stage: int = 0
+) -> int:
+    """Parameters on one rank of pipeline stage ``stage`` (0-based) under TP = ``tp``, PP = ``pp``.
+
+    The first stage holds the word (and learned position) embeddings; the last the final norm and
+    the output layer, which with tied embeddings is a copy of the word embeddings when PP > 1.
+    """
+    h = model.hidden_size
+    total = (model.num_layers // pp) * layer_params(model, tp)
+    embedding = padded_vocab // tp * h
+    if stage == 0:
+        total += embedding
+        if model.position_embedding_type == "learned_absolute":
+            total += model.max_position_embeddings * h
+    if stage == pp - 1:
+        total += _norm_params(model)
+        if model.untie_embeddings_and_output_weights or pp > 1:
+            total += embedding
+    return total
+
+
+def total_params(model: ModelConfig, padded_vocab: int) -> int:
+    """All parameters of the model (TP = PP = 1)."""
+    return stage_params(model, padded_vocab)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def state_bytes_per_param(*, bf16: bool, distributed_optimizer: bool, dp: int) -> float:
+    """Bytes per parameter of weights + gradients + main weights + Adam states on one rank."""
+    if bf16:
+        sharded = 4.0 + 8.0  # float32 main weights, Adam m and v
+        return 2.0 + 4.0 + (sharded / dp if distributed_optimizer else sharded)
+    return 4.0 + 4.0 + (8.0 / dp if distributed_optimizer else 8.0)
+
+
+def activation_bytes_per_layer(
+    model: ModelConfig, seq: int, micro_batch: int, *, tp: int, sp: bool, flash: bool
+) -> float:
+    """Stored 16-bit activations of one layer and micro-batch (Korthikanti et al., generalised)."""
+    s, b, h, a = seq, micro_batch, model.hidden_size, model.num_attention_heads
+    kv = (model.num_query_groups or a) * (h // a)
+    ffn = mcfg.ffn_hidden_size(model)
+    fc1_outputs = 2 if model.swiglu else 1
+    replicated = 10.0 * s * b * h  # 2 norm inputs, QKV and fc1 inputs, 2 dropout masks
+    attention = 2.0 * s * b * (2 * h + 2 * kv)  # Q, K, V and the projection's input
+    mlp = 2.0 * s * b * ffn * (fc1_outputs + 1)  # fc1 outputs and the activation's output
+    scores = 0.0 if flash else 5.0 * a * s * s * b
+    sharded = (attention + mlp + scores) / tp
+    return (replicated / tp if sp else replicated) + sharded
+
+
+def recompute_bytes_per_layer(
+    seq: int, micro_batch: int, hidden: int, *, tp: int, sp: bool
+) -> float:
+    """Stored activations of one layer under full recomputation: its 16-bit input."""
+    stored = 2.0 * seq * micro_batch * hidden
+    return stored / tp if sp else stored
+
+
+def in_flight_factor(pp: int, vpp: int | None, n_micro: int, stage: int = 0) -> float:
+    """Micro-batches whose activations stage ``stage`` holds at once under 1F1B (interleaved)."""
+    if pp == 1:
+        return 1.0
+    factor = float(min(pp - stage, n_micro))
+    if vpp is not None:
+        factor *= 1.0 + (pp - 1) / (pp * vpp)
+    return factor
+
+
+def kd_buffer_bytes(
+    seq: int, micro_batch: int, padded_vocab: int, *, tp: int, teacher_tp: int, bf16: bool
+) -> float:
+    """Logits-sized buffers of the KD step on one last-stage rank.
+
+    Student logits and their gradient (training dtype), the teacher's shard (bf16), a receive
+    buffer when the teacher's TP differs, and the loss kernel's float32 chunk temporaries.
+    """
+    shard = float(seq * micro_batch * (padded_vocab // tp))
+    dtype = 2.0 if bf16 else 4.0
+    teacher = 2.0 * shard * (2 if teacher_tp != tp else 1)
+    temporaries = 4.0 * KD_CHUNK_TEMPORARIES * min(shard, KD_GPU_CHUNK_ELEMS)
+    return 2 * dtype * shard + teacher + temporaries
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """The planner's answer for one config at one world size."""
+
+    world_size: int
+    dp: int
+    n_micro: int
+    student_params: int
+    teacher_params: int
+    params_per_rank: dict[str, int]
+    busiest_stage: int
+    memory: dict[str, float]  # bytes on a rank of the busiest stage, by component
+    memory_recompute: float
+    memory_no_recompute: float
+    flops: dict[str, float]  # per token
+    step_seconds: dict[str, float]
+    overhead_ideal: float
+    overhead_pipeline: float
+    total_hours: float
+    hardware: Hardware
+    warnings: list[str] = field(default_factory=list)
+
+
+def _teacher_enabled(cfg: SaltConfig) -> bool:
+    return cfg.distill.kd_steps > 0 and cfg.distill.kd_teacher_load is not None
+
+
+def teacher_fp8(cfg: SaltConfig) -> bool:
+    """Whether the teacher keeps FP8-only weights (1 byte each): with ``--fp8-format``."""
+    return cfg.training.fp8_format is not None
+
+
+def _padded(cfg: SaltConfig, vocab: int, teacher: bool = False) -> int:
+    if teacher:
+        tp = cfg.parallel.teacher_tensor_model_parallel_size
+        return mcfg.padded_vocab_size(vocab, cfg.teacher.make_vocab_size_divisible_by, tp)
+    tp = cfg.parallel.tensor_model_parallel_size
+    return mcfg.padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, tp)
+
+
+def _last_stage_memory(cfg: SaltConfig, vocab: int) -> dict[str, float]:
+    """Teacher and logits-sized buffers: only the last stage has them."""
+    par, tr = cfg.parallel, cfg.training
+    tp, s, b = par.tensor_model_parallel_size, cfg.data.seq_length, tr.micro_batch_size
+    padded = _padded(cfg, vocab)
+    if not _teacher_enabled(cfg):
+        shard = float(s * b * (padded // tp))
+        return {"logits + loss buffers": 2 * (2.0 if tr.bf16 else 4.0) * shard}
+    teacher, ttp = cfg.teacher, par.teacher_tensor_model_parallel_size
+    tb = max(1, math.ceil(b / (tp // ttp)))
+    bytes_per = 1.0 if teacher_fp8(cfg) else 2.0
+    return {
+        "teacher weights": total_params(teacher, _padded(cfg, vocab, True)) / ttp * bytes_per,
+        "teacher forward working set": activation_bytes_per_layer(
+            teacher, s, tb, tp=ttp, sp=False, flash=teacher.transformer_impl != "local"
+        ),
+        "logits + KD loss buffers": kd_buffer_bytes(
+            s, b, padded, tp=tp, teacher_tp=ttp, bf16=tr.bf16
+        ),
+    }
+
+
+def stage_memory(
+    cfg: SaltConfig, vocab: int, dp: int, n_micro: int, stage: int
+) -> dict[str, float]:
+    """Bytes on one rank of pipeline stage ``stage``, by component (both activation variants)."""
+    par, tr, model = cfg.parallel, cfg.training, cfg.model
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    sp, s, b = par.sequence_parallel, cfg.data.seq_length, tr.micro_batch_size
+    per_param = state_bytes_per_param(
+        bf16=tr.bf16, distributed_optimizer=par.use_distributed_optimizer, dp=dp
+    )
+    params = stage_params(model, _padded(cfg, vocab), tp=tp, pp=pp, stage=stage)
+    flash = model.transformer_impl == "transformer_engine"
+    full = activation_bytes_per_layer(model, s, b, tp=tp, sp=sp, flash=flash)
+    stored = recompute_bytes_per_layer(s, b, model.hidden_size, tp=tp, sp=sp)
+    held = (model.num_layers // pp) * in_flight_factor(
+        pp, par.virtual_pipeline_model_parallel_size, n_micro, stage
+    )
+    memory = {
+        "student weights+grads+optimizer": params * per_param,
+        "activations (no recompute)": held * full,
+        "activations (full recompute)": held * stored + full,
+    }
+    if stage == pp - 1:
+        memory.update(_last_stage_memory(cfg, vocab))
+    return memory
+
+
+def _totals(memory: dict[str, float]) -> tuple[float, float]:
+    """(total with full recompute, total without)."""
+    base = sum(v for k, v in memory.items() if not k.startswith("activations"))
+    return (
+        base + memory["activations (full recompute)"],
+        base + memory["activations (no recompute)"],
+    )
+
+
+def _flops(cfg: SaltConfig, vocab: int) -> dict[str, float]:
+    s = cfg.data.seq_length
+    flops = {"student fwd+bwd": metrics.train_flops_per_token(cfg.model, s, _padded(cfg, vocab))}
+    if _teacher_enabled(cfg):
+        tpad = _padded(cfg, vocab, teacher=True)
+        flops["teacher fwd"] = metrics.forward_flops_per_token(cfg.teacher, s, tpad)
+    return flops
+
+
+def _times(
+    cfg: SaltConfig, flops: dict[str, float], world_size: int, hw: Hardware
+) -> tuple[dict[str, float], float, float, float]:
+    """Step seconds by kind, the two KD overheads, and the whole run's hours."""
+    tr, pp = cfg.training, cfg.parallel.pipeline_model_parallel_size
+    ratio = flops.get("teacher fwd", 0.0) / flops["student fwd+bwd"]
+    ideal, pipelined = 1.0 + ratio, 1.0 + pp * ratio
+    tokens = tr.global_batch_size * cfg.data.seq_length
+    plain = tokens * flops["student fwd+bwd"] / (world_size * hw.gpu_tflops * 1e12 * hw.mfu)
+    steps = {"plain step": plain}
+    kd_steps = min(cfg.distill.kd_steps, tr.train_iters) if "teacher fwd" in flops else 0
+    if kd_steps:
+        steps["KD step (ideal)"] = plain * ideal
+        if pp > 1:
+            steps["KD step (teacher on last stage)"] = plain * pipelined
+    hours = (kd_steps * plain * pipelined + (tr.train_iters - kd_steps) * plain) / 3600.0
+    return steps, ideal, pipelined, hours
+
+
+def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) -> Plan:
+    """Memory, FLOPs and step time of ``cfg`` on ``world_size`` GPUs of ``hardware``."""
+    cfg.validate_world(world_size)
+    par, tr = cfg.parallel, cfg.training
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = cfg.data_parallel_size(world_size)
+    n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
+    stages = sorted({0, pp - 1})
+    memories = {st: stage_memory(cfg, vocab_size, dp, n_micro, st) for st in stages}
+    totals = {st: _totals(m) for st, m in memories.items()}
+    busiest = max(stages, key=lambda st: totals[st][0])
+    flops = _flops(cfg, vocab_size)
+    steps, ideal, pipelined, hours = _times(cfg, flops, world_size, hardware)
+    spad = _padded(cfg, vocab_size)
+    result = Plan(
+        world_size=world_size,
+        dp=dp,
+        n_micro=n_micro,
+        student_params=total_params(cfg.model, spad),
+        teacher_params=(
+            total_params(cfg.teacher, _padded(cfg, vocab_size, True))
+            if "teacher fwd" in flops
+            else 0
+        ),
+        params_per_rank={
+            f"stage {st}": stage_params(cfg.model, spad, tp=tp, pp=pp, stage=st) for st in stages
+        },
+        busiest_stage=busiest,
+        memory=memories[busiest],
+        memory_recompute=max(t[0] for t in totals.values()),
+        memory_no_recompute=max(t[1] for t in totals.values()),
+        flops=flops,
+        step_seconds=steps,
+        overhead_ideal=ideal,
+        overhead_pipeline=pipelined,
+        total_hours=hours,
+        hardware=hardware,
+    )
+    result.warnings = _warnings(cfg, result)
+    return result
+
+
+def _warnings(cfg: SaltConfig, p: Plan) -> list[str]:
+    limit = p.hardware.gpu_memory_gib * GIB
+    out = []
+    if p.memory_recompute > limit:
+        out.append(
+            f"does not fit: {p.memory_recompute / GIB:.1f} GiB per GPU even with full "
+            f"recomputation > {p.hardware.gpu_memory_gib:g} GiB; raise TP/PP, use the distributed "
+            "optimizer or lower --micro-batch-size"
+        )
+    elif p.memory_no_recompute > limit:
+        out.append(
+            f"needs full activation recomputation: {p.memory_no_recompute / GIB:.1f} GiB per GPU "
+            f"without it > {p.hardware.gpu_memory_gib:g} GiB"
+        )
+    par = cfg.parallel
+    replicas = par.tensor_model_parallel_size // par.teacher_tensor_model_parallel_size
+    if "teacher fwd" in p.flops and cfg.training.micro_batch_size < replicas:
+        out.append(
+            f"--micro-batch-size {cfg.training.micro_batch_size} < {replicas} teacher replicas "
+            "per student TP group: the teacher forward is partly redundant"
+        )
+    if "teacher fwd" in p.flops and par.pipeline_model_parallel_size > 1:
+        out.append(
+            f"teacher on the last of {par.pipeline_model_parallel_size} stages: KD steps run at "
+            f"x{p.overhead_pipeline:.2f} of a plain step instead of x{p.overhead_ideal:.2f}"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:8.2f} GiB"
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(k) for k, _ in rows)
+    return [title, *(f"  {k.ljust(width)}  {v}" for k, v in rows), ""]
+
+
+def format_plan(cfg: SaltConfig, p: Plan) -> str:
+    """A readable report of a :class:`Plan`."""
+    par, hw = cfg.parallel, p.hardware
+    layout = (
+        f"world {p.world_size} = TP {par.tensor_model_parallel_size} x PP "
+        f"{par.pipeline_model_parallel_size} x DP {p.dp}; {p.n_micro} micro-batches of "
+        f"{cfg.training.micro_batch_size} x {cfg.data.seq_length} tokens per step"
+    )
+    lines = [layout, ""]
+    params = [("student", f"{p.student_params / 1e9:8.3f} B")]
+    if p.teacher_params:
+        params.append(("teacher", f"{p.teacher_params / 1e9:8.3f} B"))
+    params += [
+        (f"student per rank, {k}", f"{v / 1e6:8.1f} M") for k, v in p.params_per_rank.items()
+    ]
+    lines += _table("Parameters", params)
+    mem = [(k, _gib(v)) for k, v in p.memory.items()]
+    mem.append(("total, full recompute", _gib(p.memory_recompute)))
+    mem.append(("total, no recompute", _gib(p.memory_no_recompute)))
+    title = f"Memory per GPU (stage {p.busiest_stage}; {hw.gpu_memory_gib:g} GiB available)"
+    lines += _table(title, mem)
+    flops = [(k, f"{v / 1e9:8.2f} GFLOP/token") for k, v in p.flops.items()]
+    if "teacher fwd" in p.flops:
+        flops.append(("KD overhead, ideal", f"x{p.overhead_ideal:.3f}"))
+        if par.pipeline_model_parallel_size > 1:
+            flops.append(("KD overhead, teacher on last stage", f"x{p.overhead_pipeline:.3f}"))
+    lines += _table("FLOPs", flops)
+    times = [(k, f"{v:8.3f} s") for k, v in p.step_seconds.items()]
+    times.append(
+        ("whole run", f"{p.total_hours:8.1f} h ({p.total_hours * p.world_size:,.0f} GPU-h)")
+    )
+    lines += _table(f"Time at MFU {hw.mfu:g} of {hw.gpu_tflops:g} TFLOP/s per GPU", times)
+    lines += [f"WARNING: {w}" for w in p.warnings] or ["fits"]
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The planner's arithmetic against hand-computed values, and tools/plan.py on the paper config."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from salt_megatron import planner
+from salt_megatron.config import parse_config
+from salt_megatron.config.schema import ModelConfig
+from salt_megatron.training import metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+PAPER = ROOT / "examples" / "configs" / "salt_pile_1p5b_2p8b.yaml"
+MULTI = ROOT / "examples" / "configs" / "multi_node.yaml"
+
+#: GELU MLP of width 32, LayerNorm, biases, untied, learned positions (h = 8, 2 heads).
+GELU = ModelConfig(
+    num_layers=2,
+    hidden_size=8,
+    num_attention_heads=2,
+    ffn_hidden_size=16,
+    swiglu=False,
+    normalization="LayerNorm",
+    add_bias_linear=True,
+    position_embedding_type="learned_absolute",
+    max_position_embeddings=32,
+)
+#: SwiGLU (width 16), RMSNorm, no biases, GQA (4 heads, 2 groups), tied embeddings, rope.
+SWIGLU = ModelConfig(
+    num_layers=3,
+    hidden_size=8,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=16,
+    untie_embeddings_and_output_weights=False,
+)
+
+
+def test_layer_params_by_hand() -> None:
+    # QKV 8x24 + 24, proj 64 + 8, fc1 8x16 + 16, fc2 16x8 + 8, two LayerNorms 2 x 16.
+    assert planner.layer_params(GELU) == 192 + 24 + 64 + 8 + 128 + 16 + 128 + 8 + 32
+    # TP 2 shards QKV/fc1 weights and biases and proj/fc2 weights; their biases and norms stay.
+    assert planner.layer_params(GELU, tp=2) == (192 + 24 + 128 + 16) // 2 + (64 + 128) // 2 + 48
+    # QKV 8 x (8 + 2 x 4), proj 64, fc1 8 x 32, fc2 16 x 8, two RMSNorms 2 x 8.
+    assert planner.layer_params(SWIGLU) == 128 + 64 + 256 + 128 + 16
+
+
+def test_stage_params_by_hand() -> None:
+    # 2 layers + word embeddings 16x8 + positions 32x8 + final norm 16 + output 16x8.
+    assert planner.stage_params(GELU, 16) == 2 * 600 + 128 + 256 + 16 + 128
+    assert planner.total_params(SWIGLU, 16) == 3 * 592 + 128 + 8  # tied: no output layer
+    # PP 3, tied: stage 0 has the embeddings, the last stage the norm and a copy of them.
+    assert planner.stage_params(SWIGLU, 16, pp=3, stage=0) == 592 + 128
+    assert planner.stage_params(SWIGLU, 16, pp=3, stage=1) == 592
+    assert planner.stage_params(SWIGLU, 16, pp=3, stage=2) == 592 + 8 + 128
+    # TP 2: QKV + fc1 and proj + fc2 halve, the norms (16) stay; norm 8 + half the embeddings.
+    layer_tp2 = (128 + 256) // 2 + (64 + 128) // 2 + 16
+    assert planner.stage_params(SWIGLU, 16, tp=2, pp=3, stage=2) == layer_tp2 + 8 + 64
+
+
+def test_state_bytes_per_param() -> None:
+    assert planner.state_bytes_per_param(bf16=True, distributed_optimizer=False, dp=8) == 18
+    assert planner.state_bytes_per_param(bf16=True, distributed_optimizer=True, dp=8) == 6 + 1.5
+    assert planner.state_bytes_per_param(bf16=False, distributed_optimizer=False, dp=4) == 16
+    assert planner.state_bytes_per_param(bf16=False, distributed_optimizer=True, dp=4) == 10
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_activations_match_korthikanti(tp: int) -> None:
+    model = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, swiglu=False)
+    s, b, h, a = 128, 2, 64, 4
+    sbh = s * b * h
+    no_sp = planner.activation_bytes_per_layer(model, s, b, tp=tp, sp=False, flash=False)
+    assert no_sp == pytest.approx(sbh * (10 + 24 / tp + 5 * a * s / (h * tp)))
+    with_sp = planner.activation_bytes_per_layer(model, s, b, tp=tp, sp=True, flash=False)
+    assert with_sp == pytest.approx(sbh * (34 + 5 * a * s / h) / tp)
+    flash = planner.activation_bytes_per_layer(model, s, b, tp=tp, sp=True, flash=True)
+    assert flash == pytest.approx(sbh * 34 / tp)
+    assert planner.recompute_bytes_per_layer(s, b, h, tp=tp, sp=True) == 2 * sbh / tp
+
+
+def test_in_flight_micro_batches() -> None:
+    assert planner.in_flight_factor(1, None, 8) == 1
+    assert planner.in_flight_factor(4, None, 8, stage=0) == 4
+    assert planner.in_flight_factor(4, None, 8, stage=3) == 1
+    assert planner.in_flight_factor(4, None, 2) == 2
+    assert planner.in_flight_factor(4, 2, 8) == pytest.approx(4 * (1 + 3 / 8))
+
+
+def test_paper_plan_overhead_and_fit() -> None:
+    cfg = parse_config(["--config", str(PAPER)])
+    result = planner.plan(cfg, 64, 50000, planner.Hardware())
+    s_fwd_bwd = metrics.train_flops_per_token(cfg.model, 2048, 50176)  # padded to 128 x TP 2
+    t_fwd = metrics.forward_flops_per_token(cfg.teacher, 2048, 50048)  # padded to 128 x TP 1
+    assert result.overhead_ideal == pytest.approx(1 + t_fwd / s_fwd_bwd)
+    assert 1.1 < result.overhead_ideal < 1.25
+    assert 2.7e9 < result.student_params < 2.9e9 and 1.35e9 < result.teacher_params < 1.5e9
+    assert result.dp == 32 and result.n_micro == 4 and not result.warnings
+    plain = 512 * 2048 * s_fwd_bwd / (64 * 989e12 * 0.4)
+    assert result.step_seconds["plain step"] == pytest.approx(plain)
+    hours = (36000 * plain * result.overhead_ideal + 172000 * plain) / 3600
+    assert result.total_hours == pytest.approx(hours)
+    assert result.memory["teacher weights"] == pytest.approx(result.teacher_params * 2)
+
+
+def test_fp8_teacher_weights_take_one_byte() -> None:
+    cfg = parse_config(["--config", str(PAPER), "--fp8-format", "hybrid"])
+    result = planner.plan(cfg, 64, 50000, planner.Hardware())
+    assert result.memory["teacher weights"] == pytest.approx(result.teacher_params)
+
+
+def test_warnings_when_it_does_not_fit() -> None:
+    cfg = parse_config(["--config", str(PAPER)])
+    tight = planner.plan(cfg, 64, 50000, planner.Hardware(gpu_memory_gib=20))
+    assert any("needs full activation recomputation" in w for w in tight.warnings)
+    small = planner.plan(cfg, 64, 50000, planner.Hardware(gpu_memory_gib=8))
+    assert any(w.startswith("does not fit") for w in small.warnings)
+
+
+def test_pipeline_puts_teacher_on_last_stage() -> None:
+    cfg = parse_config(["--config", str(MULTI)])
+    result = planner.plan(cfg, 32, 50000, planner.Hardware())
+    ratio = result.overhead_ideal - 1
+    assert result.overhead_pipeline == pytest.approx(1 + 2 * ratio)
+    assert "KD step (teacher on last stage)" in result.step_seconds
+    assert any("teacher on the last of 2 stages" in w for w in result.warnings)
+
+
+def _plan_tool():
+    spec = importlib.util.spec_from_file_location("plan_tool", ROOT / "tools" / "plan.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_tool_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
+    tool = _plan_tool()
+    assert tool.main(["--config", str(PAPER)]) == 0
+    out = capsys.readouterr().out
+    assert "world 64 = TP 2 x PP 1 x DP 32" in out and "KD overhead, ideal" in out
+    assert tool.main(["--config", str(PAPER), "--gpu-memory-gib", "8"]) == 1
+    assert "WARNING: does not fit" in capsys.readouterr().out
+    assert tool.main(["--config", str(PAPER), "--world-size", "63"]) == 2
