@@ -11,6 +11,11 @@ import sys
 
 from salt_megatron.config import ConfigError, parse_config
 
+EXIT_CHECKPOINT = 3
+"""Exit code for a missing, corrupt or mismatched checkpoint."""
+EXIT_NONFINITE = 4
+"""Exit code for a non-finite loss or gradient norm beyond --skip-nonfinite-steps."""
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run one training job; returns the process exit code."""
@@ -21,12 +26,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_salt.py: error: {exc}", file=sys.stderr)
         return 2
 
+    from salt_megatron.checkpoint.layout import CheckpointError
     from salt_megatron.runtime import destroy_distributed, init_distributed
     from salt_megatron.training.run import run
+    from salt_megatron.training.trainer import NonFiniteError
 
     init_distributed(cfg.parallel.distributed_timeout_minutes)
     try:
         return run(cfg)
+    except CheckpointError as exc:  # raised on every rank: they read the same files
+        print(f"pretrain_salt.py: checkpoint error: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+    except NonFiniteError as exc:  # raised on every rank: the loss and norm are global
+        print(f"pretrain_salt.py: training halted: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
     finally:
         destroy_distributed()
 

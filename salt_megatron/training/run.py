@@ -6,6 +6,7 @@ import math
 
 import torch.distributed as dist
 
+from salt_megatron.checkpoint.manager import Checkpointer
 from salt_megatron.config.schema import SaltConfig
 from salt_megatron.training.data import build_run_data
 from salt_megatron.training.logger import log
@@ -26,11 +27,16 @@ def run(cfg: SaltConfig) -> int:
         kd_train=kd_train,
         tokenizer_fingerprint=data.tokenizer.fingerprint,
     )
+    ckpt = Checkpointer(trainer, data.tokenizer.fingerprint)
     try:
+        ckpt.resume()
+        trainer.after_step = ckpt.after_step
         trainer.train()
-        if data.test is not None and cfg.training.eval_interval:
+        ckpt.finish()
+        if ckpt.stop_reason is None and data.test is not None and cfg.training.eval_interval:
             loss = trainer.evaluate(data.test, cfg.training.eval_iters)
             log.info(f"test loss {loss:.4f} | test ppl {math.exp(min(loss, 50.0)):.2f}")
     finally:
+        ckpt.close()
         trainer.close()
     return 0
