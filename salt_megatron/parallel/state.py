@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
@@ -52,6 +55,22 @@ def init_student_parallel(par: ParallelConfig, seed: int) -> StudentLayout:
     )
     reseed(seed)
     return current_layout()
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (e.g. building the teacher) without moving any RNG stream of this rank.
+
+    Restores the CPU and current-GPU generators and megatron's model-parallel tracker states, so
+    a run that builds the teacher at step k (a resume) draws the same numbers as one that built
+    it at step 0.
+    """
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    states = {k: v.clone() for k, v in tracker.get_states().items()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    tracker.set_states(states)
 
 
 def reseed(seed: int) -> None:

@@ -15,7 +15,7 @@ import torch
 from salt_megatron.config.schema import SaltConfig
 from salt_megatron.distill.schedule import in_kd_phase, weight_for
 from salt_megatron.distill.step import KDForwardStep
-from salt_megatron.parallel.state import StudentLayout
+from salt_megatron.parallel.state import StudentLayout, preserved_rng
 from salt_megatron.training.logger import MetricsWriter, log
 
 
@@ -95,7 +95,16 @@ class KDPhase:
         from salt_megatron.teacher import Teacher
 
         lay = self.layout
-        teacher = Teacher.build(
+        with preserved_rng():
+            teacher = self._build_teacher(Teacher, lay)
+        self.step_fn = KDForwardStep(teacher, self.cfg.distill, lay.tp_group)
+        log.info(
+            f"KD phase: teacher from {self.cfg.distill.kd_teacher_load} for "
+            f"{self.cfg.distill.kd_steps} steps, schedule {self.cfg.distill.kd_schedule}"
+        )
+
+    def _build_teacher(self, teacher_cls: Any, lay: StudentLayout) -> Any:
+        return teacher_cls.build(
             self.cfg,
             lay.tp_group,
             lay.tp_rank,
@@ -104,11 +113,6 @@ class KDPhase:
             self.padded_vocab,
             self.fingerprint,
             vocab_size=self.vocab_size,
-        )
-        self.step_fn = KDForwardStep(teacher, self.cfg.distill, lay.tp_group)
-        log.info(
-            f"KD phase: teacher from {self.cfg.distill.kd_teacher_load} for "
-            f"{self.cfg.distill.kd_steps} steps, schedule {self.cfg.distill.kd_schedule}"
         )
 
     def _release(self, step: int) -> None:
@@ -127,6 +131,29 @@ class KDPhase:
         log.info(
             f"step {step}: KD phase over, teacher released: {freed / 2**20:.1f} MiB of teacher "
             f"state freed, memory in use {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+        )
+
+    def state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint records of the phase after ``step`` steps (JSON-able)."""
+        d = self.cfg.distill
+        return {
+            "phase": "kd" if in_kd_phase(d, step) else "plain",
+            "kd_steps": d.kd_steps if d.enabled else 0,
+            "kd_schedule": d.kd_schedule,
+            "kd_weight": d.kd_weight,
+            "kd_teacher_load": d.kd_teacher_load,
+            "kd_data_path": d.kd_data_path,
+        }
+
+    def check_resume(self, step: int, saved: dict[str, Any]) -> None:
+        """Log the phase a checkpoint was saved in against the phase this run resumes into."""
+        if not saved:
+            return
+        now = self.state(step)
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        log.info(
+            f"resuming in the {now['phase']} phase at step {step} (saved in the "
+            f"{saved.get('phase')} phase)" + (f"; changed since: {changed}" if changed else "")
         )
 
     def close(self) -> None:

@@ -27,9 +27,12 @@ def run(cfg: SaltConfig) -> int:
         kd_train=kd_train,
         tokenizer_fingerprint=data.tokenizer.fingerprint,
     )
-    ckpt = Checkpointer(trainer, data.tokenizer.fingerprint)
+    ckpt = Checkpointer(
+        trainer, data.tokenizer.fingerprint, extra_fn=lambda: trainer.kd.state(trainer.step)
+    )
     try:
         ckpt.resume()
+        trainer.kd.check_resume(trainer.step, ckpt.loaded_extra)
         trainer.after_step = ckpt.after_step
         trainer.train()
         ckpt.finish()

@@ -39,6 +39,7 @@ class StepResult:
     kd_loss: float
     top1_agree: float
     kd_weight: float
+    kd_phase: bool
     grad_norm: float
     lr: float
     tokens: int
@@ -202,6 +203,7 @@ class Trainer:
             kd_loss=means[METRICS.index("kd_loss")],
             top1_agree=means[METRICS.index("top1_agree")],
             kd_weight=self.kd.weight(self.step - 1),
+            kd_phase=forward_step is not lm_forward_step,
             grad_norm=grad_norm,
             lr=lr,
             tokens=int(totals[-1]),
@@ -264,7 +266,7 @@ class Trainer:
             "loss": last.loss,
             "lm_loss": last.lm_loss,
         }
-        if self.cfg.distill.enabled:
+        if any(r.kd_phase for r in window):
             values.update(
                 kd_loss=last.kd_loss,
                 kd_weight=last.kd_weight,

@@ -1,0 +1,87 @@
+"""SALT end to end: a teacher trained by our trainer, a TP=2 student distilling from it (teacher
+TP=1), exact resume inside the KD phase and across the switch, and PP=2 against PP=1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from salt_megatron.checkpoint import layout
+from tests.integration.conftest import launch, read_metrics
+
+pytestmark = pytest.mark.integration
+
+COMMON = [
+    "--mock-data", "--vocab-size", "256", "--seq-length", "32", "--micro-batch-size", "2",
+    "--global-batch-size", "4", "--log-interval", "1", "--split", "90,5,5", "--lr", "3e-3",
+]  # fmt: skip
+TEACHER = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+           "--train-iters", "6"]  # fmt: skip
+STUDENT = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+           "--train-iters", "12", "--kd-steps", "6", "--kd-weight", "0.5",
+           "--kd-schedule", "linear", "--kd-temperature", "2", "--kd-t2-scaling"]  # fmt: skip
+
+
+def _ok(proc: Any) -> str:
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return str(proc.stdout)
+
+
+def _resume_from(src: Path, step: int, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    shutil.copytree(layout.iteration_dir(str(src), step), layout.iteration_dir(str(dst), step))
+    layout.write_latest_step(str(dst), step)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("teacher") / "ckpt"
+    _ok(launch([*COMMON, *TEACHER, "--save", str(root)], nproc=1))
+    return root
+
+
+def test_kd_through_the_switch_and_exact_resume(teacher: Path, tmp_path: Path) -> None:
+    kd = [*COMMON, *STUDENT, "--kd-teacher-load", str(teacher), "--tensor-model-parallel-size", "2"]
+    full = tmp_path / "full"
+    out = _ok(launch([*kd, "--save", str(full), "--save-interval", "4", "--keep-last", "3",
+                      "--metrics-file", str(tmp_path / "full.jsonl"),
+                      "--tensorboard-dir", str(tmp_path / "tb")], nproc=2))  # fmt: skip
+    assert "KD phase over, teacher released" in out
+    ref = read_metrics(tmp_path / "full.jsonl")
+    assert sorted(ref) == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) for r in ref.values())
+    assert all(ref[s]["kd_weight"] > 0 and "kd_loss" in ref[s] for s in range(1, 7))
+    assert all("kd_weight" not in ref[s] for s in range(7, 13))  # plain phase: no KD columns
+    meta = json.loads((Path(layout.iteration_dir(str(full), 4)) / layout.META_FILE).read_text())
+    assert meta["extra"]["phase"] == "kd"
+    meta = json.loads((Path(layout.iteration_dir(str(full), 8)) / layout.META_FILE).read_text())
+    assert meta["extra"]["phase"] == "plain"
+    for step in (4, 8):  # inside the KD phase, and past the switch
+        root = _resume_from(full, step, tmp_path / f"from{step}")
+        metrics = tmp_path / f"from{step}.jsonl"
+        _ok(launch([*kd, "--load", str(root), "--save", str(root), "--metrics-file",
+                    str(metrics)], nproc=2))  # fmt: skip
+        got = read_metrics(metrics)
+        assert sorted(got) == list(range(step + 1, 13))
+        for s in got:
+            assert got[s]["loss"] == ref[s]["loss"], (step, s)  # bitwise on CPU
+
+
+def test_pp2_student_with_teacher_matches_pp1(teacher: Path, tmp_path: Path) -> None:
+    kd = [*COMMON, *STUDENT, "--kd-teacher-load", str(teacher), "--train-iters", "8"]
+    runs = {}
+    for name, extra, nproc in (("pp1", [], 1), ("pp2", ["--pipeline-model-parallel-size", "2"], 2)):
+        metrics = tmp_path / f"{name}.jsonl"
+        _ok(launch([*kd, *extra, "--metrics-file", str(metrics)], nproc=nproc))
+        runs[name] = read_metrics(metrics)
+    assert sorted(runs["pp1"]) == sorted(runs["pp2"]) == list(range(1, 9))
+    for s in range(1, 9):
+        for key in ("loss", "grad_norm") + (("kd_loss",) if s <= 6 else ()):
+            assert runs["pp2"][s][key] == pytest.approx(runs["pp1"][s][key], abs=1e-5), (s, key)
