@@ -15,6 +15,8 @@ EXIT_CHECKPOINT = 3
 """Exit code for a missing, corrupt or mismatched checkpoint."""
 EXIT_NONFINITE = 4
 """Exit code for a non-finite loss or gradient norm beyond --skip-nonfinite-steps."""
+EXIT_INPUT = 5
+"""Exit code for bad data, tokenizer or teacher input found after start-up."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from salt_megatron.checkpoint.layout import CheckpointError
+    from salt_megatron.data.errors import DataError
     from salt_megatron.runtime import destroy_distributed, init_distributed
+    from salt_megatron.teacher import TeacherError
     from salt_megatron.training.run import run
     from salt_megatron.training.trainer import NonFiniteError
 
@@ -40,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:  # raised on every rank: the loss and norm are global
         print(f"pretrain_salt.py: training halted: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except (DataError, TeacherError, ConfigError) as exc:  # every rank checks the same input
+        print(f"pretrain_salt.py: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     finally:
         destroy_distributed()
 

@@ -52,11 +52,13 @@ def _score(cfg: Any, out: str, top_k: int) -> None:
     from salt_megatron.config import megatron as mcfg
     from salt_megatron.data.datasets import build_gpt_datasets
     from salt_megatron.distill.scoring import ScoreSpec, score_dataset
+    from salt_megatron.parallel.state import reseed
     from salt_megatron.teacher import Teacher
     from salt_megatron.training.data import build_tokenizer
 
     t = cfg.parallel.teacher_tensor_model_parallel_size
     mpu.initialize_model_parallel(tensor_model_parallel_size=t)
+    reseed(cfg.training.seed)  # megatron's RNG tracker (attention dropout forks it)
     tp_group = mpu.get_tensor_model_parallel_group()
     tokenizer = build_tokenizer(cfg)
     cache = cfg.data.data_cache_path or os.path.dirname(os.path.abspath(out))

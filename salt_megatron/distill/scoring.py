@@ -62,6 +62,7 @@ def score_dataset(
 ) -> np.ndarray | None:
     """Score ``dataset``; returns the merged scores on global rank 0 (None elsewhere)."""
     n = len(dataset)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     partial = f"{out}.rank{dp_rank}.npz"
     scores, done = _load_partial(partial, n)
     batches = [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
