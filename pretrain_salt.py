@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_salt.py: error: {exc}", file=sys.stderr)
         return 2
 
+    from salt_megatron.runtime.quiet import silence_known_warnings
+
+    silence_known_warnings()
     from salt_megatron.checkpoint.layout import CheckpointError
     from salt_megatron.data.errors import DataError
     from salt_megatron.runtime import destroy_distributed, init_distributed

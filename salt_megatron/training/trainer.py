@@ -262,12 +262,10 @@ class Trainer:
         last = window[-1]
         seconds = sum(r.seconds for r in window)
         tokens = len(window) * self.cfg.training.global_batch_size * self.cfg.data.seq_length
-        values = {
-            "loss": last.loss,
-            "lm_loss": last.lm_loss,
-        }
+        values = {"loss": last.loss}
         if any(r.kd_phase for r in window):
             values.update(
+                lm_loss=last.lm_loss,
                 kd_loss=last.kd_loss,
                 kd_weight=last.kd_weight,
                 top1_agree=last.top1_agree,
