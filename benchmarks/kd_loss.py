@@ -7,10 +7,11 @@ Methods (forward + backward, bf16 logits, w=0.5, T=2, same inputs alive for all 
 
 TP > 1 runs on real gloo processes (``tests/distributed/launcher.py``), one spawn per TP size.
 Time: minimum over ``--reps`` interleaved repetitions of the slowest rank (the machine may be
-shared). Peak memory: each worker starts with ``MALLOC_MMAP_THRESHOLD_=65536`` so every tensor
-buffer is its own mmap that is returned to the OS when freed; the peak resident set (``VmHWM``
-after resetting it through ``/proc/self/clear_refs``) minus the resident set before the call is
-the call's peak extra memory ("extra"); "total" adds the live input shards (student + teacher).
+shared); the ratio a/b is also given from the medians (slowest rank). Peak memory: each worker
+starts with ``MALLOC_MMAP_THRESHOLD_=65536`` so every tensor buffer is its own mmap that is
+returned to the OS when freed; the peak resident set (``VmHWM`` after resetting it through
+``/proc/self/clear_refs``) minus the resident set before the call is the call's peak extra memory
+("extra"); "total" adds the live input shards (student + teacher).
 Collectives: calls of torch.distributed collectives during one forward + backward.
 
     python benchmarks/kd_loss.py [--tokens 256 1024] [--vocab 32768 131072] [--tp 1 2 4]
@@ -137,7 +138,9 @@ def _measure(runners: dict[str, Callable[[], None]], reps: int, group) -> dict[s
         vals = torch.tensor([min(out[m]["times"]), float(out[m]["mem"])], dtype=torch.float64)
         dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=group)
         out[m]["time"], out[m]["mem"] = vals[0].item(), int(vals[1].item())
-        out[m]["median"] = statistics.median(out[m]["times"])
+        med = torch.tensor([statistics.median(out[m]["times"])], dtype=torch.float64)
+        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
+        out[m]["median"] = med.item()
     return out
 
 
@@ -168,8 +171,8 @@ def _table(rows: list[dict]) -> str:
     mib = 2.0**20
     lines = [
         "| TP | tokens | V | V/tp | time a / b / c (s) | extra peak a / b / c (MiB) "
-        "| collectives a / b / c | time a/b | total mem a/b | total mem a/c |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| collectives a / b / c | time a/b | time a/b (median) | total mem a/b | total mem a/c |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         a, b, c = r["a"], r["b"], r["c"]
@@ -179,7 +182,8 @@ def _table(rows: list[dict]) -> str:
             f"| {a['time']:.3f} / {b['time']:.3f} / {c['time']:.3f} "
             f"| {a['mem'] / mib:.0f} / {b['mem'] / mib:.0f} / {c['mem'] / mib:.0f} "
             f"| {a['coll']} / {b['coll']} / {c['coll']} "
-            f"| {a['time'] / b['time']:.2f} | {tot['a'] / tot['b']:.2f} "
+            f"| {a['time'] / b['time']:.2f} | {a['median'] / b['median']:.2f} "
+            f"| {tot['a'] / tot['b']:.2f} "
             f"| {tot['a'] / tot['c']:.2f} |"
         )
     return "\n".join(lines)
@@ -227,7 +231,8 @@ def main() -> None:
         print(_table(rows[-len(args.tokens) * len(args.vocab) :]), flush=True)
     text = (
         f"Machine: {_machine()}; torch {torch.__version__}; bf16 logits, w={W}, T={TEMP}; "
-        f"forward+backward, min of {args.reps} interleaved runs (slowest rank).\n\n" + _table(rows)
+        f"forward+backward, min (and median) of {args.reps} interleaved runs (slowest rank).\n\n"
+        + _table(rows)
     )
     print("\n" + text)
     if args.write_docs:

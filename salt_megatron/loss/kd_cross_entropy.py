@@ -20,13 +20,17 @@ per-row maxima and partial sums relative to the *local* maxima, then exactly two
 2. ``all_reduce(SUM)`` of the partial sums rescaled to the global maxima (``exp(m_local - M)``):
    ``[Z_s(T), Z_t(T), sum e^{(t-Mt)/T} (s-Ms)/T, s_y, Z_s(1) if T != 1, top-1 bits if stats]``.
 
-The backward needs no communication: it recomputes the gradient chunk-wise from the logits and
-the saved ``O(tokens)`` row statistics. Memory consequence: the loss keeps references to the
-student *and teacher* shards until backward (no copies), and the only logits-sized allocation is
-the gradient itself in the student's dtype, created in backward (or none with ``inplace_grad``).
-Computing it in forward instead would hold a gradient buffer from forward to backward, the same
-size as the teacher shard it would let the caller free, and would need a second pass to apply the
-upstream gradient.
+After the second collective the forward writes the full gradient (for a unit upstream gradient)
+chunk-wise into a buffer of the student's dtype, recomputing the exponentials from the logits
+and the ``O(tokens)`` row statistics (no communication); without TP the statistics and the
+gradient come from one fused sweep (:func:`salt_megatron.loss.torch_kd.fused_stats_grad`), so
+nothing is computed twice. The backward only scales each row by the upstream gradient, in place
+(no collective, no exponential; it may run once: ``retain_graph`` double backward is refused).
+Memory consequence: the only logits-sized allocation is that gradient buffer (none with
+``inplace_grad``, which writes it over the student logits *during forward*); the loss keeps no
+reference to the logits after forward, so the caller may free the teacher shard right away.
+Recomputing the gradient in backward instead would cost the exponentials twice without TP and
+keep both shards alive until backward.
 
 Top-1 agreement without gathering: bit ``2**rank`` is set in a SUM slot where the rank's local
 max equals the global max (one slot per model, plus one where both hold and the local first
@@ -46,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from salt_megatron.loss import torch_kd
+from salt_megatron.loss.torch_kd import scale_rows_
 
 _MAX_STATS_RANKS = 24
 _CPU_CHUNK_ELEMS = 1 << 18
@@ -156,6 +161,36 @@ def _merge_row_stats(
     return torch.stack([smax_n, tmax_n]), sum_kn, agree_n
 
 
+def _local_stats_and_grad(
+    s_nv: torch.Tensor,
+    t_nv: torch.Tensor,
+    grad_nv: torch.Tensor,
+    ylocal_n: torch.Tensor,
+    ace_n: torch.Tensor,
+    akd_n: torch.Tensor,
+    sy_n: torch.Tensor,
+    cfg: _Config,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Row statistics (both collectives) and the gradient written into ``grad_nv`` (``[N, Vl]``).
+
+    ``ace_n``/``akd_n``: float32 ``[N]`` CE / KD gradient weights (``(1-w) keep``,
+    ``w c keep_kd / T``). Returns :func:`_merge_row_stats`'s ``(max_2n, sum_kn, agree_n)``.
+    Without TP the backend may do it in one fused sweep (``fused_stats_grad``).
+    """
+    width = s_nv.shape[1]
+    temp, chunk = cfg.temperature, cfg.chunk_elems
+    fused = getattr(cfg.backend, "fused_stats_grad", None)
+    if cfg.world == 1 and fused is not None:
+        local = fused(s_nv, t_nv, grad_nv, ylocal_n, ace_n, akd_n, temp, cfg.need_stats, chunk)
+        return _merge_row_stats(local, sy_n, cfg, width)
+    local = cfg.backend.local_row_stats(s_nv, t_nv, temp, cfg.need_stats, chunk)
+    max_2n, sum_kn, agree_n = _merge_row_stats(local, sy_n, cfg, width)
+    zs_n, zt_n, _, _, z1_n = sum_kn
+    coef_kn = torch.stack([max_2n[0], max_2n[1], akd_n / zs_n, ace_n / z1_n, akd_n / zt_n, ace_n])
+    cfg.backend.write_grad(s_nv, t_nv, grad_nv, coef_kn, ylocal_n, temp, chunk)
+    return max_2n, sum_kn, agree_n
+
+
 class _KDCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -167,29 +202,27 @@ class _KDCrossEntropy(torch.autograd.Function):
         cfg: _Config,
     ) -> tuple[torch.Tensor, ...]:
         width = s_nv.shape[1]
-        local = cfg.backend.local_row_stats(
-            s_nv, t_nv, cfg.temperature, cfg.need_stats, cfg.chunk_elems
-        )
         valid_n = labels_n != cfg.ignore_index
         ycol_n = labels_n - cfg.vocab_start
         ylocal_n = torch.where(valid_n & (ycol_n >= 0) & (ycol_n < width), ycol_n, -1)
         sy_n = s_nv.gather(1, ylocal_n.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
         sy_n = sy_n * (ylocal_n >= 0)
-        max_2n, sum_kn, agree_n = _merge_row_stats(local, sy_n, cfg, width)
+        w, c = cfg.kd_weight, cfg.kd_scale
+        keep_n = valid_n.float() if mask_n is None else valid_n * mask_n
+        kd_keep_n = torch.ones_like(sy_n) if mask_n is None else mask_n.float()
+        ace_n = (1.0 - w) * keep_n
+        akd_n = (w * c / cfg.temperature) * kd_keep_n
+        grad_nv = s_nv if cfg.inplace_grad else torch.empty_like(s_nv)
+        max_2n, sum_kn, agree_n = _local_stats_and_grad(
+            s_nv, t_nv, grad_nv, ylocal_n, ace_n, akd_n, sy_n, cfg
+        )
         zs_n, zt_n, ats_n, sy_n, z1_n = sum_kn
         kd_n = torch.log(zs_n) - ats_n / zt_n
         ce_n = torch.where(valid_n, torch.log(z1_n) + max_2n[0] - sy_n, 0.0)
-        w, c = cfg.kd_weight, cfg.kd_scale
-        keep_n = valid_n.float() if mask_n is None else valid_n * mask_n
-        kd_keep_n = torch.ones_like(kd_n) if mask_n is None else mask_n.float()
         loss_n = (1.0 - w) * ce_n * keep_n + (w * c) * kd_n * kd_keep_n
-        ace_n = (1.0 - w) * keep_n
-        akd_n = (w * c / cfg.temperature) * kd_keep_n
-        coef_kn = torch.stack(
-            [max_2n[0], max_2n[1], akd_n / zs_n, ace_n / z1_n, akd_n / zt_n, ace_n]
-        )
-        ctx.save_for_backward(s_nv, t_nv, ylocal_n, coef_kn)
+        ctx.save_for_backward(grad_nv)
         ctx.cfg = cfg
+        ctx.consumed = False
         if not cfg.need_stats:
             return (loss_n,)
         assert agree_n is not None
@@ -199,14 +232,15 @@ class _KDCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss_n: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        s_nv, t_nv, ylocal_n, coef_kn = ctx.saved_tensors
+        if ctx.consumed:
+            raise RuntimeError(
+                "kd_cross_entropy: backward ran twice; the gradient saved in forward is scaled "
+                "in place by the first backward (retain_graph is not supported)"
+            )
+        ctx.consumed = True
+        (grad_nv,) = ctx.saved_tensors
         cfg: _Config = ctx.cfg
-        scaled_kn = coef_kn.clone()
-        scaled_kn[2:] *= grad_loss_n.float()
-        grad_nv = s_nv if cfg.inplace_grad else torch.empty_like(s_nv)
-        cfg.backend.write_grad(
-            s_nv, t_nv, grad_nv, scaled_kn, ylocal_n, cfg.temperature, cfg.chunk_elems
-        )
+        scale_rows_(grad_nv, grad_loss_n, cfg.chunk_elems)
         return grad_nv, None, None, None, None
 
 
@@ -302,9 +336,10 @@ def kd_cross_entropy(
         t2_scaling: multiply the KD term (loss and gradient) by ``T**2``.
         loss_mask: ``[...]`` 0/1 floats: 0 zeroes loss, gradient and statistics of a token.
         return_stats: also return :class:`KDStats` (per-token, computed in forward).
-        inplace_grad: the backward writes the gradient into the student logits buffer and
-            returns it (destroying the logits then; nothing may read them after backward). The
-            statistics are computed in forward, before this happens. Needs contiguous logits.
+        inplace_grad: the forward writes the gradient over the student logits buffer (after
+            reading them for the loss and statistics) and the backward scales and returns it:
+            the logits are destroyed when this call returns; read anything else you need from
+            them (metrics) before calling. Needs contiguous logits.
         vocab_start_index: first global column of this shard; default ``rank * Vl``.
         impl: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"`` (on CPU
             only under ``TRITON_INTERPRET=1``, for tests).
@@ -312,7 +347,8 @@ def kd_cross_entropy(
     Returns:
         float32 per-token loss ``[...]`` (no reduction over tokens); with ``return_stats``,
         ``(loss, KDStats)``. Forward: two all-reduces on ``tp_group`` (none without TP);
-        backward: none. Non-contiguous logits are copied to contiguous memory first.
+        backward: none (a per-row in-place scale of the gradient saved in forward).
+        Non-contiguous logits are copied to contiguous memory first.
     """
     _check_inputs(student_logits, teacher_logits, labels, loss_mask)
     if not 0.0 <= kd_weight <= 1.0 or temperature <= 0.0:

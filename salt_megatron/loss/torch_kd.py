@@ -1,10 +1,22 @@
-"""PyTorch implementation of the two local sweeps of the vocab-parallel KD loss.
+"""PyTorch implementation of the local sweeps of the vocab-parallel KD loss (the CPU path).
 
-Both sweeps walk the ``[N, Vl]`` logits shard in row chunks of about ``chunk_elems`` elements,
-upcasting each chunk to float32 (never the whole shard): the chunk stays in cache while all its
-terms are computed, so each sweep reads the student and teacher shards from memory once.
-Per chunk at most three float32 temporaries of the chunk's size exist. No communication here:
-:mod:`salt_megatron.loss.kd_cross_entropy` merges the per-rank statistics.
+Every sweep walks the ``[N, Vl]`` logits shards in row chunks of about ``chunk_elems`` elements.
+A chunk is upcast once into preallocated float32 scratch rows (``copy_``: never the whole shard)
+and every term is then computed with in-place, same-dtype ops on that scratch: mixed-dtype
+broadcasting ops (bf16 logits minus a float32 column) take a slow element-by-element path on
+CPU, and fresh temporaries per op cost an allocation (an ``mmap`` for large chunks) each. At
+most three float32 scratch buffers of the chunk's size exist during a sweep.
+
+Exponentials per logit element (the dominant cost; ``exp`` runs at ~1.5 ns/element on an AVX2
+core, 2.5x a multiply): each sweep computes ``exp((s - m)/T)`` and ``exp((t - m_t)/T)``, plus
+``exp(s - m)`` for the CE term when ``T != 1`` (at ``T == 1`` the CE and KD student softmax
+coincide; at ``T == 2`` it is the square of ``exp((s - m)/2)``, a multiply). So 2 exponentials
+per element per sweep at ``T = 1`` or ``T = 2``, else 3. With tensor parallelism the forward runs a
+statistics sweep and, after the collectives, a gradient sweep that recomputes them. Without it
+:func:`fused_stats_grad` does both in one sweep: the row is complete in the chunk, so the sums
+are final before the chunk leaves scratch and its exponentials give the gradient directly.
+
+No communication here: :mod:`salt_megatron.loss.kd_cross_entropy` merges per-rank statistics.
 """
 
 from __future__ import annotations
@@ -31,8 +43,145 @@ class LocalRowStats(NamedTuple):
     targ_n: torch.Tensor | None
 
 
-def _chunk_rows(width: int, chunk_elems: int) -> int:
-    return max(1, chunk_elems // max(width, 1))
+class _Exps(NamedTuple):
+    """Float32 ``[n, Vl]`` scratch views of one chunk after :func:`_chunk_exps`."""
+
+    es: torch.Tensor  # exp((s - smax) / T)
+    e1: torch.Tensor  # exp(s - smax); the same tensor as ``es`` when T == 1
+    et: torch.Tensor  # exp((t - tmax) / T)
+
+
+def _scratch(n_rows: int, width: int, chunk_elems: int, like: torch.Tensor) -> torch.Tensor:
+    """``[3, rows_per_chunk, Vl]`` float32 scratch (rows_per_chunk >= 1, <= N)."""
+    step = max(1, min(n_rows, chunk_elems // max(width, 1)))
+    return torch.empty(3, step, width, dtype=torch.float32, device=like.device)
+
+
+def _chunk_exps(
+    s_cv: torch.Tensor,
+    t_cv: torch.Tensor,
+    bufs: torch.Tensor,
+    smax_c1: torch.Tensor,
+    tmax_c1: torch.Tensor,
+    temperature: float,
+    need_dot: bool = True,
+) -> tuple[_Exps, torch.Tensor | None]:
+    """Exponentials of one chunk relative to the ``[n, 1]`` float32 shifts ``smax``/``tmax``.
+
+    Returns the exponentials and, if ``need_dot``, ``ats_n = sum_v exp((t - tmax)/T) (s - smax)/T``
+    (``[n]``). ``s_cv``/``t_cv`` must already be upcast into ``bufs[0]``/``bufs[1]`` (``[n, Vl]``
+    views); they are overwritten (``bufs[2]`` too when ``T != 1``).
+    """
+    xs_cv, xt_cv = s_cv.sub_(smax_c1), t_cv.sub_(tmax_c1)
+    inv_t = 1.0 / temperature
+    if temperature != 1.0:
+        xt_cv.mul_(inv_t)
+    et_cv = xt_cv.exp_()
+    spare_cv = bufs[2, : xs_cv.shape[0]]
+    ats_n = None
+    if need_dot:  # into the spare buffer: bmm or (a * b).sum(-1) with a temporary are slower
+        ats_n = torch.mul(et_cv, xs_cv, out=spare_cv).sum(dim=-1)
+        if temperature != 1.0:
+            ats_n.mul_(inv_t)
+    if temperature == 1.0:
+        es_cv = xs_cv.exp_()
+        return _Exps(es_cv, es_cv, et_cv), ats_n
+    es_cv = torch.mul(xs_cv, inv_t, out=spare_cv).exp_()
+    if temperature == 2.0:  # exp(x) = exp(x/2)^2: a multiply instead of an exponential
+        return _Exps(es_cv, torch.mul(es_cv, es_cv, out=xs_cv), et_cv), ats_n
+    return _Exps(es_cv, xs_cv.exp_(), et_cv), ats_n
+
+
+def _upcast(src_cv: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    out_cv = buf[: src_cv.shape[0]]
+    out_cv.copy_(src_cv)
+    return out_cv
+
+
+def _chunk_maxima(
+    s_cv: torch.Tensor, t_cv: torch.Tensor, args_kn: torch.Tensor | None, rows: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maxima ``[n, 1]`` of float32 chunks; writes the first argmaxes into ``args_kn``."""
+    if args_kn is None:
+        return s_cv.amax(dim=-1, keepdim=True), t_cv.amax(dim=-1, keepdim=True)
+    smax_c, args_kn[0, rows] = s_cv.max(dim=-1)
+    tmax_c, args_kn[1, rows] = t_cv.max(dim=-1)
+    return smax_c.unsqueeze(-1), tmax_c.unsqueeze(-1)
+
+
+def _row_stats(
+    out_kn: torch.Tensor, args_kn: torch.Tensor | None, temperature: float
+) -> LocalRowStats:
+    return LocalRowStats(
+        smax_n=out_kn[0],
+        tmax_n=out_kn[1],
+        zs_n=out_kn[2],
+        zt_n=out_kn[3],
+        ats_n=out_kn[4],
+        z1_n=out_kn[5] if temperature != 1.0 else out_kn[2],
+        sarg_n=None if args_kn is None else args_kn[0],
+        targ_n=None if args_kn is None else args_kn[1],
+    )
+
+
+def _stats_sweep(
+    s_nv: torch.Tensor,
+    t_nv: torch.Tensor,
+    temperature: float,
+    need_top1: bool,
+    chunk_elems: int,
+    grad_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> LocalRowStats:
+    """Statistics sweep; with ``grad_args = (grad_nv, ylocal_n, ace_n, akd_n)`` also the gradient.
+
+    The fused form needs the whole row in the chunk (no tensor parallelism): the sums are then
+    final and the gradient of the chunk is written from the exponentials still in scratch.
+    """
+    n_rows, width = s_nv.shape
+    out_kn = torch.empty(6, n_rows, dtype=torch.float32, device=s_nv.device)
+    args_kn = torch.empty(2, n_rows, dtype=torch.int64, device=s_nv.device) if need_top1 else None
+    bufs = _scratch(n_rows, width, chunk_elems, s_nv)
+    step = bufs.shape[1]
+    for r0 in range(0, n_rows, step):
+        rows = slice(r0, min(r0 + step, n_rows))
+        s_cv, t_cv = _upcast(s_nv[rows], bufs[0]), _upcast(t_nv[rows], bufs[1])
+        smax_c1, tmax_c1 = _chunk_maxima(s_cv, t_cv, args_kn, rows)
+        exps, ats_c = _chunk_exps(s_cv, t_cv, bufs, smax_c1, tmax_c1, temperature)
+        assert ats_c is not None
+        out_kn[4, rows] = ats_c
+        out_kn[0, rows], out_kn[1, rows] = smax_c1.squeeze(-1), tmax_c1.squeeze(-1)
+        out_kn[3, rows] = exps.et.sum(dim=-1)
+        if temperature != 1.0:
+            out_kn[5, rows] = exps.e1.sum(dim=-1)
+        out_kn[2, rows] = exps.es.sum(dim=-1)
+        if grad_args is not None:
+            grad_nv, ylocal_n, ace_n, akd_n = grad_args
+            z1_c = out_kn[5 if temperature != 1.0 else 2, rows]
+            coef_4c = torch.stack(
+                [akd_n[rows] / out_kn[2, rows], ace_n[rows] / z1_c, akd_n[rows] / out_kn[3, rows],
+                 ace_n[rows]]
+            )  # fmt: skip
+            _combine(exps, coef_4c, ylocal_n[rows], grad_nv[rows])
+    return _row_stats(out_kn, args_kn, temperature)
+
+
+def _combine(
+    exps: _Exps, coef_4c: torch.Tensor, ylocal_c: torch.Tensor, g_cv: torch.Tensor
+) -> None:
+    """``g = cp es + c1 e1 - cq et - ace [v == y]``; ``coef_4c = [cp, c1, cq, ace]`` (``[4, n]``).
+
+    Overwrites the scratch ``exps``; ``g_cv`` (``[n, Vl]``, any float dtype) may alias the
+    logits (the chunk was read into scratch before).
+    """
+    cp_c1, c1_c1, cq_c1, ace_c1 = (c.unsqueeze(-1) for c in coef_4c)
+    if exps.e1 is exps.es:
+        acc_cv = exps.es.mul_(cp_c1 + c1_c1)
+    else:
+        acc_cv = exps.es.mul_(cp_c1).addcmul_(exps.e1, c1_c1)
+    acc_cv.addcmul_(exps.et, cq_c1, value=-1.0)
+    has_c1 = (ylocal_c >= 0).unsqueeze(-1)
+    acc_cv.scatter_add_(1, ylocal_c.clamp(min=0).unsqueeze(-1), -ace_c1 * has_c1)
+    g_cv.copy_(acc_cv)
 
 
 def local_row_stats(
@@ -46,44 +195,29 @@ def local_row_stats(
 
     Reductions are over the local vocabulary columns only; float32 arithmetic throughout.
     """
-    n_rows, width = s_nv.shape
-    inv_t = 1.0 / temperature
-    out_kn = torch.empty(6, n_rows, dtype=torch.float32, device=s_nv.device)
-    args_kn = torch.empty(2, n_rows, dtype=torch.int64, device=s_nv.device) if need_top1 else None
-    step = _chunk_rows(width, chunk_elems)
-    for r0 in range(0, n_rows, step):
-        rows = slice(r0, min(r0 + step, n_rows))
-        s_cv, t_cv = s_nv[rows], t_nv[rows]
-        if args_kn is not None:
-            smax_c, args_kn[0, rows] = s_cv.max(dim=-1)
-            tmax_c, args_kn[1, rows] = t_cv.max(dim=-1)
-        else:
-            smax_c, tmax_c = s_cv.amax(dim=-1), t_cv.amax(dim=-1)
-        smax_c, tmax_c = smax_c.float(), tmax_c.float()
-        xs_cv = torch.sub(s_cv, smax_c.unsqueeze(-1))
-        et_cv = torch.sub(t_cv, tmax_c.unsqueeze(-1))
-        if temperature != 1.0:
-            xs_cv.mul_(inv_t)
-            et_cv.mul_(inv_t)
-        et_cv.exp_()
-        out_kn[3, rows] = et_cv.sum(dim=-1)
-        out_kn[4, rows] = et_cv.mul_(xs_cv).sum(dim=-1)  # cheaper than bmm on CPU
-        if temperature != 1.0:
-            torch.mul(xs_cv, temperature, out=et_cv)
-            out_kn[5, rows] = et_cv.exp_().sum(dim=-1)
-        out_kn[2, rows] = xs_cv.exp_().sum(dim=-1)
-        out_kn[0, rows], out_kn[1, rows] = smax_c, tmax_c
-    z1_n = out_kn[5] if temperature != 1.0 else out_kn[2]
-    return LocalRowStats(
-        smax_n=out_kn[0],
-        tmax_n=out_kn[1],
-        zs_n=out_kn[2],
-        zt_n=out_kn[3],
-        ats_n=out_kn[4],
-        z1_n=z1_n,
-        sarg_n=None if args_kn is None else args_kn[0],
-        targ_n=None if args_kn is None else args_kn[1],
-    )
+    return _stats_sweep(s_nv, t_nv, temperature, need_top1, chunk_elems, None)
+
+
+def fused_stats_grad(
+    s_nv: torch.Tensor,
+    t_nv: torch.Tensor,
+    grad_nv: torch.Tensor,
+    ylocal_n: torch.Tensor,
+    ace_n: torch.Tensor,
+    akd_n: torch.Tensor,
+    temperature: float,
+    need_top1: bool,
+    chunk_elems: int,
+) -> LocalRowStats:
+    """Statistics and gradient in one sweep when the shard is the whole vocabulary (no TP).
+
+    Writes ``grad = akd (es/Zs - et/Zt) + ace (e1/Z1 - [v == y])`` into ``grad_nv`` (``[N, V]``,
+    may be ``s_nv``); ``ace_n``/``akd_n`` are the float32 ``[N]`` CE and KD gradient weights
+    (``(1-w) mask [y valid]`` and ``w c mask / T``); ``ylocal_n`` is int64, -1 for no label.
+    Returns the same statistics as :func:`local_row_stats`, which are then global.
+    """
+    grad_args = (grad_nv, ylocal_n, ace_n, akd_n)
+    return _stats_sweep(s_nv, t_nv, temperature, need_top1, chunk_elems, grad_args)
 
 
 def write_grad(
@@ -98,33 +232,49 @@ def write_grad(
     """Write ``d loss / d s`` into ``grad_nv`` (``[N, Vl]``; may be ``s_nv`` itself).
 
     ``coef_kn`` is float32 ``[6, N]``: rows ``smax, tmax, cp, c1, cq, a_ce`` (global maxima and
-    per-row coefficients with the upstream gradient folded in)::
+    per-row coefficients)::
 
         grad = cp * exp((s - smax)/T) + c1 * exp(s - smax) - cq * exp((t - tmax)/T)
                - a_ce * [v == ylocal]
 
     ``ylocal_n`` is the int64 local label column, or -1 where the label is not on this shard.
-    A chunk is read completely before its gradient is written, so in-place is safe.
+    A chunk is read completely into scratch before its gradient is written, so in-place is safe.
     """
     n_rows, width = s_nv.shape
-    inv_t = 1.0 / temperature
-    step = _chunk_rows(width, chunk_elems)
-    direct = grad_nv.dtype == torch.float32
+    bufs = _scratch(n_rows, width, chunk_elems, s_nv)
+    step = bufs.shape[1]
     for r0 in range(0, n_rows, step):
         rows = slice(r0, min(r0 + step, n_rows))
-        smax_c1, tmax_c1, cp_c1, c1_c1, cq_c1, ace_c1 = (c.unsqueeze(-1) for c in coef_kn[:, rows])
-        s_cv, t_cv = s_nv[rows], t_nv[rows]
-        q_cv = torch.sub(t_cv, tmax_c1)
-        g_cv = torch.sub(s_cv, smax_c1, out=grad_nv[rows]) if direct else torch.sub(s_cv, smax_c1)
-        if temperature == 1.0:
-            g_cv.exp_().mul_(cp_c1 + c1_c1)
-        else:
-            p_cv = torch.mul(g_cv, inv_t).exp_().mul_(cp_c1)
-            g_cv.exp_().mul_(c1_c1).add_(p_cv)
-            q_cv.mul_(inv_t)
-        g_cv.addcmul_(q_cv.exp_(), cq_c1, value=-1.0)
-        ylocal_c = ylocal_n[rows]
-        has_c1 = (ylocal_c >= 0).unsqueeze(-1)
-        g_cv.scatter_add_(1, ylocal_c.clamp(min=0).unsqueeze(-1), -ace_c1 * has_c1)
-        if not direct:
-            grad_nv[rows].copy_(g_cv)
+        s_cv, t_cv = _upcast(s_nv[rows], bufs[0]), _upcast(t_nv[rows], bufs[1])
+        smax_c1, tmax_c1 = coef_kn[0, rows].unsqueeze(-1), coef_kn[1, rows].unsqueeze(-1)
+        exps, _ = _chunk_exps(s_cv, t_cv, bufs, smax_c1, tmax_c1, temperature, need_dot=False)
+        _combine(exps, coef_kn[2:, rows], ylocal_n[rows], grad_nv[rows])
+
+
+def scale_rows_(grad_nv: torch.Tensor, scale_n: torch.Tensor, chunk_elems: int) -> None:
+    """``grad_nv[i] *= scale_n[i]`` in place (``[N, Vl]`` any float dtype; ``[N]`` float32).
+
+    Float32 arithmetic with one rounding to the gradient's dtype. A uniform scale (``loss.sum()``,
+    ``loss.mean()``) is one scalar multiply, skipped for 1.0; otherwise low-precision gradients
+    go through float32 scratch chunks (mixed-dtype broadcasting multiplies are slow on CPU).
+    """
+    scale_n = scale_n.float()
+    if grad_nv.is_cuda or scale_n.numel() == 0:  # one fused kernel; no host sync
+        grad_nv.mul_(scale_n.unsqueeze(-1))
+        return
+    first = scale_n[0]
+    if bool(torch.eq(scale_n, first).all()):
+        value = float(first.item())
+        if value != 1.0:
+            grad_nv.mul_(value)
+        return
+    if grad_nv.dtype == torch.float32:
+        grad_nv.mul_(scale_n.unsqueeze(-1))
+        return
+    n_rows, width = grad_nv.shape
+    buf = _scratch(n_rows, width, chunk_elems, grad_nv)[0]
+    step = buf.shape[0]
+    for r0 in range(0, n_rows, step):
+        rows = slice(r0, min(r0 + step, n_rows))
+        g_cv = _upcast(grad_nv[rows], buf)
+        grad_nv[rows].copy_(g_cv.mul_(scale_n[rows].unsqueeze(-1)))
