@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python tools/demo.py $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

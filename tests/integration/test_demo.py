@@ -43,7 +43,7 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert all(math.isfinite(r["loss"]) for r in train)
     kd_steps = 16  # tools/demo.py QUICK
     assert any(r["step"] <= kd_steps and r["kd_weight"] > 0 for r in train)
-    assert any(r["step"] > kd_steps and r["kd_weight"] == 0 for r in train)
+    assert any(r["step"] > kd_steps and "kd_weight" not in r for r in train)  # plain windows
     assert any(r["group"] == "kd" and r["teacher_freed_mib"] > 0 for r in salt)
     log = (run / "salt/log.txt").read_text()
     assert "KD phase over, teacher released" in log

@@ -91,9 +91,12 @@ def test_student_layouts_with_teacher_match_world1(teacher: Path, tmp_path: Path
         _ok(launch([*kd, *extra, "--metrics-file", str(metrics)], nproc=nproc))
         runs[name] = read_metrics(metrics)
     ref = runs.pop("world1")
+    # 8 Adam steps: tensor parallelism changes float32 reduction orders (row-parallel partial
+    # sums), and Adam's normalisation amplifies the rounding; 1e-4 relative still catches any
+    # wrong gradient (those differ at the first step by far more).
     assert sorted(ref) == list(range(1, 9))
     for name, got in runs.items():
         assert sorted(got) == list(range(1, 9)), name
         for s in range(1, 9):
             for key in ("loss", "grad_norm") + (("kd_loss", "top1_agree") if s <= 6 else ()):
-                assert got[s][key] == pytest.approx(ref[s][key], rel=1e-5, abs=1e-5), (name, s, key)
+                assert got[s][key] == pytest.approx(ref[s][key], rel=1e-4, abs=1e-5), (name, s, key)
