@@ -195,17 +195,6 @@ def _sum_float64(
     return total.float(), count.to(torch.int), {"eval": torch.stack([total, count])}
 
 
-def _eval_forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-    from salt_megatron.training.step import read_batch, stage_inputs
-
-    batch, pre, post = read_batch(data_iterator, model)
-    tokens, position_ids = stage_inputs(batch, pre)
-    labels = batch["labels"] if batch is not None and post else None
-    output = model(tokens, position_ids, None, labels=labels)
-    mask = batch["loss_mask"] if batch is not None and post else torch.empty(0)
-    return output, partial(_sum_float64, mask)
-
-
 @dataclass(frozen=True)
 class EvalResult:
     """Mean per-token loss (nats), its perplexity, and what it was computed over."""
@@ -230,6 +219,7 @@ def loss_sums(chunks: list[Any], cfg: SaltConfig, dataset: Any, n: int) -> tuple
 
     from salt_megatron.parallel.state import current_layout
     from salt_megatron.runtime import device
+    from salt_megatron.training.step import lm_forward_step
 
     lay = current_layout()
     mbs = cfg.training.micro_batch_size
@@ -238,7 +228,7 @@ def loss_sums(chunks: list[Any], cfg: SaltConfig, dataset: Any, n: int) -> tuple
     uses_data = bool(model.pre_process or model.post_process)
     iterator = EvalBatches(dataset, n, mbs, lay.dp_rank, lay.dp) if uses_data else None
     reports = get_forward_backward_func()(
-        forward_step_func=_eval_forward_step,
+        forward_step_func=partial(lm_forward_step, reduce=_sum_float64),
         data_iterator=iterator,
         model=model,
         num_microbatches=math.ceil(n / (mbs * lay.dp)),

@@ -79,19 +79,22 @@ def stage_inputs(batch: Batch | None, pre: bool) -> tuple[torch.Tensor | None, t
 
 
 def lm_forward_step(
-    data_iterator: Iterator[Batch] | None, model: torch.nn.Module
+    data_iterator: Iterator[Batch] | None,
+    model: torch.nn.Module,
+    reduce: Callable[..., Any] = reduce_token_losses,
 ) -> tuple[torch.Tensor, LossFunc]:
     """Plain next-token forward: per-token cross-entropy computed by the GPT model itself.
 
     First stages feed tokens, the last stage passes labels and gets ``[b, s]`` losses back; middle
-    stages read no data (their input comes from the previous stage).
+    stages read no data (their input comes from the previous stage). ``reduce(loss_mask, losses)``
+    turns the losses into megatron's loss-function contract (bind it with ``functools.partial``).
     """
     batch, pre, post = read_batch(data_iterator, model)
     tokens, position_ids = stage_inputs(batch, pre)
     labels = batch["labels"] if batch is not None and post else None
     output = model(tokens, position_ids, None, labels=labels)
     loss_mask = batch["loss_mask"] if batch is not None and post else torch.empty(0)
-    return output, partial(reduce_token_losses, loss_mask)
+    return output, partial(reduce, loss_mask)
 
 
 def sum_reports(reports: list[dict[str, Any]]) -> torch.Tensor:
