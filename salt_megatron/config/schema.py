@@ -293,7 +293,7 @@ class TrainingConfig:
     """FP8 scaling recipe: delayed (amax history), tensorwise (current scaling, TE >= 2.2),
     blockwise (TE >= 2.3, Hopper), mxfp8 (Blackwell). Used only with --fp8-format."""
     eval_interval: int = 0
-    """Steps between validation runs (0 disables)."""
+    """Steps between validation runs, plus one after the last step (0 disables)."""
     eval_iters: int = 4
     """Micro-batches of validation per data-parallel rank and evaluation."""
     exit_interval: int | None = None

@@ -109,7 +109,7 @@ class Trainer:
         log.info(
             f"student: {n_params / 1e6:.2f}M parameters on this rank | layout TP={self.layout.tp} "
             f"PP={self.layout.pp} VPP={self.layout.vpp} DP={self.layout.dp} | "
-            f"padded vocab {self.padded_vocab} | {self.num_microbatches} micro-batches/step"
+            f"padded vocab {self.padded_vocab} | micro-batches/step: {self.num_microbatches}"
         )
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -252,11 +252,18 @@ class Trainer:
             if self.step % lg.log_interval == 0 or self.step == tr.train_iters:
                 self._log(window)
                 window = []
-            if tr.eval_interval and self.step % tr.eval_interval == 0 and self.valid_ds is not None:
+            if self._eval_due():
                 self._log_eval()
             if self.after_step is not None and self.after_step():
                 break
         return history
+
+    def _eval_due(self) -> bool:
+        """Validate every --eval-interval steps and once more at the last step (as Megatron-LM)."""
+        tr = self.cfg.training
+        if not tr.eval_interval or self.valid_ds is None:
+            return False
+        return self.step % tr.eval_interval == 0 or self.step == tr.train_iters
 
     def _log(self, window: list[StepResult]) -> None:
         last = window[-1]

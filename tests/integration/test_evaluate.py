@@ -2,9 +2,9 @@
 
 A sentencepiece tokenizer (300 pieces) and an indexed dataset are built from stdlib docstrings;
 pretrain_salt.py trains a tiny GQA model for 5 steps at TP=2 (so its padded vocabulary, 512, is
-not what TP=1 would pad to) and validates it at step 5 on 4 samples of the valid split. Evaluating
-the saved checkpoint on the same 4 samples must give the trainer's validation loss, at TP=1 and
-TP=2 alike (1e-5).
+not what TP=1 would pad to) and validates it at step 3 and at its last step, 5, on 4 samples of
+the valid split. Evaluating the saved checkpoint on the same 4 samples must give the trainer's
+validation loss, at TP=1 and TP=2 alike (1e-5).
 """
 
 from __future__ import annotations
@@ -62,13 +62,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, f
         "--data-cache-path", str(tmp / "cache"), "--num-layers", "2", "--hidden-size", "32",
         "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "5",
-        "--lr", "3e-3", "--eval-interval", "5", "--eval-iters", "2", "--log-interval", "1",
+        "--lr", "3e-3", "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "1",
         "--tensor-model-parallel-size", "2", "--save", str(tmp / "ckpt"),
         "--metrics-file", str(tmp / "m.jsonl"),
     ]  # fmt: skip
     proc = launch(args, nproc=2)
     assert proc.returncode == 0, proc.stdout[-4000:]
     valid = read_metrics(tmp / "m.jsonl", group="valid")
+    assert sorted(valid) == [3, 5]  # every --eval-interval, and the last step
     return tmp / "ckpt", tok, prefix, float(valid[5]["loss"])
 
 
