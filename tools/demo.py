@@ -8,7 +8,7 @@
    final validation loss, wall-clock (the teacher's share included) and the implied saving; a PNG
    of validation loss against step and wall-clock; TensorBoard logs under ``runs/demo``.
 
-    python tools/demo.py            # about 15 minutes on 2 cores
+    python tools/demo.py            # about 17 minutes on 2 cores
     python tools/demo.py --quick    # a couple of minutes (the integration test)
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from salt_megatron.runtime.quiet import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()  # before megatron-core is imported
 from salt_megatron.data.demo import prepare_demo_data  # noqa: E402
 
 QUICK = {
@@ -147,6 +151,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run (integration test)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--cache", type=Path, default=ROOT / "cache" / "demo")
+    parser.add_argument("--salt-args", default="", help="extra flags for the SALT student only, "
+                        "e.g. \"--kd-weight 0.5 --kd-steps 200\"")  # fmt: skip
     args = parser.parse_args()
     out = args.out / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +167,8 @@ def main() -> None:
         "teacher", "demo_teacher.yaml", [*quick_t, "--save", str(teacher_dir)], out, data
     )
     base = train("baseline", "demo_student.yaml", [*quick_s, "--kd-steps", "0"], out, data)
-    salt = train("salt", "demo_student.yaml", [*quick_s, "--kd-teacher-load", str(teacher_dir)],
-                 out, data)  # fmt: skip
+    salt_extra = [*quick_s, "--kd-teacher-load", str(teacher_dir), *shlex.split(args.salt_args)]
+    salt = train("salt", "demo_student.yaml", salt_extra, out, data)
     table = report(base, salt, teacher, out)
     plot(base, salt, out / "val_loss.png")
     print("\n" + table)
