@@ -5,6 +5,12 @@ teacher on the same tokens, receives its logits in the student's vocabulary layo
 student without labels (vocab-parallel logits), and computes per token
 ``(1 - w) * CE(student, labels) + w * KD(student, teacher)`` with the fused vocab-parallel loss.
 Earlier stages run the plain student forward.
+
+The loss runs in the ``[s, b]`` order of the output layer. megatron's GPTModel returns logits as a
+contiguous ``[b, s, V/tp]`` copy of its ``[s, b, V/tp]`` output; the loss takes the transposed
+view back, so the gradient it writes is a contiguous ``[s, b, V/tp]`` buffer and reaches the
+output layer's backward matmul contiguous (a strided gradient there costs ~4x the matmul on CPU),
+and the teacher's ``[s, b, V/tp]`` logits need no copy.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ from salt_megatron.training.step import LossFunc, read_batch, reduce_token_losse
 
 
 def _kd_reduce(
-    loss_mask_bs: torch.Tensor, stats: KDStats, loss_bs: torch.Tensor
+    loss_mask_sb: torch.Tensor, stats: KDStats, loss_sb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    return reduce_token_losses(loss_mask_bs, loss_bs, stats.ce, stats.kd, stats.top1_agree)
+    return reduce_token_losses(loss_mask_sb, loss_sb, stats.ce, stats.kd, stats.top1_agree)
 
 
 @dataclass
@@ -43,13 +49,13 @@ class KDForwardStep:
     weight: float = 0.0
     teacher_seconds: float = field(default=0.0)
 
-    def _teacher_logits_bsv(self, batch: Batch) -> torch.Tensor:
+    def _teacher_logits_sbv(self, batch: Batch) -> torch.Tensor:
         start = time.perf_counter()
         logits_sbv = self.teacher.student_layout_logits(batch["tokens"], batch["position_ids"])
         if logits_sbv.is_cuda:
             torch.cuda.synchronize()
         self.teacher_seconds += time.perf_counter() - start
-        return logits_sbv.transpose(0, 1)
+        return logits_sbv
 
     def __call__(
         self, data_iterator: Iterator[Batch] | None, model: torch.nn.Module
@@ -58,17 +64,18 @@ class KDForwardStep:
         tokens, position_ids = stage_inputs(batch, pre)
         if batch is None or not post:
             return model(tokens, position_ids, None), partial(reduce_token_losses, torch.empty(0))
-        teacher_bsv = self._teacher_logits_bsv(batch)
-        student_bsv = model(tokens, position_ids, None)  # no labels: logits [b, s, V/tp]
-        loss_bs, stats = kd_cross_entropy(
-            student_bsv,
-            teacher_bsv,
-            batch["labels"],
+        teacher_sbv = self._teacher_logits_sbv(batch)
+        student_sbv = model(tokens, position_ids, None).transpose(0, 1)  # no labels: [b, s, V/tp]
+        loss_mask_sb = batch["loss_mask"].t()
+        loss_sb, stats = kd_cross_entropy(
+            student_sbv,
+            teacher_sbv,
+            batch["labels"].t(),
             self.weight,
             self.distill.kd_temperature,
             self.tp_group,
             t2_scaling=self.distill.kd_t2_scaling,
-            loss_mask=batch["loss_mask"],
+            loss_mask=loss_mask_sb,
             return_stats=True,
         )
-        return loss_bs, partial(_kd_reduce, batch["loss_mask"], stats)
+        return loss_sb, partial(_kd_reduce, loss_mask_sb, stats)

@@ -40,7 +40,9 @@ def reduce_token_losses(
     kd_bs: torch.Tensor | None = None,
     agree_bs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Reduce per-token ``[b, s]`` losses to megatron's (sum, valid count, report) contract.
+    """Reduce per-token losses to megatron's (sum, valid count, report) contract.
+
+    All tensors share one shape: ``[b, s]``, or ``[s, b]`` from the KD step (the mask transposed).
 
     Only ``total_bs`` carries gradient. ``report["metrics"]`` holds the float32 sums in
     :data:`METRICS` order (``lm_bs`` defaults to ``total_bs``, the others to 0).
