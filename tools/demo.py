@@ -8,7 +8,7 @@
    final validation loss, wall-clock (the teacher's share included) and the implied saving; a PNG
    of validation loss against step and wall-clock; TensorBoard logs under ``runs/demo``.
 
-    python tools/demo.py            # about 17 minutes on 2 cores
+    python tools/demo.py            # 15-17 minutes on 2 cores
     python tools/demo.py --quick    # a couple of minutes (the integration test)
 """
 

@@ -9,7 +9,7 @@ Earlier stages run the plain student forward.
 The loss runs in the ``[s, b]`` order of the output layer. megatron's GPTModel returns logits as a
 contiguous ``[b, s, V/tp]`` copy of its ``[s, b, V/tp]`` output; the loss takes the transposed
 view back, so the gradient it writes is a contiguous ``[s, b, V/tp]`` buffer and reaches the
-output layer's backward matmul contiguous (a strided gradient there costs ~4x the matmul on CPU),
+output layer's backward matmul contiguous (a strided one is several times slower on CPU at small b),
 and the teacher's ``[s, b, V/tp]`` logits need no copy.
 """
 
