@@ -65,7 +65,8 @@ class KDForwardStep:
         if batch is None or not post:
             return model(tokens, position_ids, None), partial(reduce_token_losses, torch.empty(0))
         teacher_sbv = self._teacher_logits_sbv(batch)
-        student_sbv = model(tokens, position_ids, None).transpose(0, 1)  # no labels: [b, s, V/tp]
+        # Without labels megatron returns a [b, s, V/tp] copy; view it back in [s, b] order.
+        student_sbv = model(tokens, position_ids, None).transpose(0, 1)
         loss_mask_sb = batch["loss_mask"].t()
         loss_sb, stats = kd_cross_entropy(
             student_sbv,

@@ -34,32 +34,31 @@ METRICS = ("loss", "lm_loss", "kd_loss", "top1_agree", "tokens")
 
 
 def reduce_token_losses(
-    loss_mask_bs: torch.Tensor,
-    total_bs: torch.Tensor,
-    lm_bs: torch.Tensor | None = None,
-    kd_bs: torch.Tensor | None = None,
-    agree_bs: torch.Tensor | None = None,
+    loss_mask: torch.Tensor,
+    total: torch.Tensor,
+    lm: torch.Tensor | None = None,
+    kd: torch.Tensor | None = None,
+    agree: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Reduce per-token losses to megatron's (sum, valid count, report) contract.
 
-    All tensors share one shape: ``[b, s]``, or ``[s, b]`` from the KD step (the mask transposed).
+    All tensors share one token shape: ``[b, s]``, or ``[s, b]`` from the KD step (which
+    transposes the mask to the loss's order); each sum runs over all tokens.
 
-    Only ``total_bs`` carries gradient. ``report["metrics"]`` holds the float32 sums in
-    :data:`METRICS` order (``lm_bs`` defaults to ``total_bs``, the others to 0).
+    Only ``total`` carries gradient. ``report["metrics"]`` holds the float32 sums in
+    :data:`METRICS` order (``lm`` defaults to ``total``, the others to 0).
     """
-    mask = loss_mask_bs.reshape(-1).float()
+    mask = loss_mask.reshape(-1).float()
 
     def masked_sum(x: torch.Tensor | None) -> torch.Tensor:
         if x is None:
             return mask.new_zeros(())
         return (x.reshape(-1).float() * mask).sum()
 
-    loss_sum = masked_sum(total_bs)
+    loss_sum = masked_sum(total)
     count = mask.sum()
-    lm_sum = loss_sum if lm_bs is None else masked_sum(lm_bs)
-    report = torch.stack(
-        [loss_sum, lm_sum, masked_sum(kd_bs), masked_sum(agree_bs), count]
-    ).detach()
+    lm_sum = loss_sum if lm is None else masked_sum(lm)
+    report = torch.stack([loss_sum, lm_sum, masked_sum(kd), masked_sum(agree), count]).detach()
     return loss_sum, count.to(torch.int), {"metrics": report}
 
 
