@@ -78,5 +78,6 @@ class KDForwardStep:
             t2_scaling=self.distill.kd_t2_scaling,
             loss_mask=loss_mask_sb,
             return_stats=True,
+            teacher_scratch=True,  # the teacher's logits are this micro-batch's temporary
         )
         return loss_sb, partial(_kd_reduce, loss_mask_sb, stats)

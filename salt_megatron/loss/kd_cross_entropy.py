@@ -20,17 +20,21 @@ per-row maxima and partial sums relative to the *local* maxima, then exactly two
 2. ``all_reduce(SUM)`` of the partial sums rescaled to the global maxima (``exp(m_local - M)``):
    ``[Z_s(T), Z_t(T), sum e^{(t-Mt)/T} (s-Ms)/T, s_y, Z_s(1) if T != 1, top-1 bits if stats]``.
 
-After the second collective the forward writes the full gradient (for a unit upstream gradient)
-chunk-wise into a buffer of the student's dtype, recomputing the exponentials from the logits
-and the ``O(tokens)`` row statistics (no communication); without TP the statistics and the
-gradient come from one fused sweep (:func:`salt_megatron.loss.torch_kd.fused_stats_grad`), so
-nothing is computed twice. The backward only scales each row by the upstream gradient, in place
-(no collective, no exponential; it may run once: ``retain_graph`` double backward is refused).
-Memory consequence: the only logits-sized allocation is that gradient buffer (none with
-``inplace_grad``, which writes it over the student logits *during forward*); the loss keeps no
-reference to the logits after forward, so the caller may free the teacher shard right away.
-Recomputing the gradient in backward instead would cost the exponentials twice without TP and
-keep both shards alive until backward.
+The forward writes the full gradient (for a unit upstream gradient) chunk-wise into a buffer of
+the student's dtype, computing every exponential once (no communication after the second
+collective): without TP the statistics and the gradient come from one fused sweep
+(:func:`salt_megatron.loss.torch_kd.fused_stats_grad`); with TP the statistics sweep leaves its
+exponentials (relative to the shard's maxima) in the gradient buffer and in the teacher's buffer
+(``teacher_scratch``; else a new one), and a second sweep rescales them in place to the global
+maxima (:func:`salt_megatron.loss.torch_kd.grad_from_exps`). On GPUs the Triton backend
+recomputes them instead (extra reads are cheaper there than extra writes). The backward only
+scales each row by the upstream gradient, in place (no collective, no exponential; it may run
+once: ``retain_graph`` double backward is refused). Memory consequence: the only logits-sized
+allocation is that gradient buffer (none with ``inplace_grad``, which writes it over the student
+logits *during forward*), plus one teacher-sized buffer with TP unless ``teacher_scratch``; the
+loss keeps no reference to the logits after forward, so the caller may free the teacher shard
+right away. Recomputing the gradient in backward instead would keep both shards alive until
+backward.
 
 Top-1 agreement without gathering: bit ``2**rank`` is set in a SUM slot where the rank's local
 max equals the global max (one slot per model, plus one where both hold and the local first
@@ -44,29 +48,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Literal, NamedTuple, overload
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
 
 from salt_megatron.loss import torch_kd
-from salt_megatron.loss.torch_kd import scale_rows_
-
-_MAX_STATS_RANKS = 24
-_CPU_CHUNK_ELEMS = 1 << 18
-_GPU_CHUNK_ELEMS = 1 << 26
-
-
-class KDStats(NamedTuple):
-    """Per-token float32 statistics (leading shape, multiplied by ``loss_mask``; no gradient).
-
-    ``kd``: raw KD term (no weight, no T^2); ``ce``: CE term (0 for ignored labels);
-    ``top1_agree``: 1.0 where the full-vocabulary first argmax of student and teacher agree.
-    """
-
-    kd: torch.Tensor
-    ce: torch.Tensor
-    top1_agree: torch.Tensor
+from salt_megatron.loss.common import (
+    MAX_STATS_RANKS,
+    GradInForward,
+    KDStats,
+    chunk_elems,
+    group_rank_world,
+    token_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +76,7 @@ class _Config:
     ignore_index: int
     need_stats: bool
     inplace_grad: bool
+    teacher_scratch: bool
     backend: ModuleType
     chunk_elems: int
 
@@ -175,23 +171,39 @@ def _local_stats_and_grad(
 
     ``ace_n``/``akd_n``: float32 ``[N]`` CE / KD gradient weights (``(1-w) keep``,
     ``w c keep_kd / T``). Returns :func:`_merge_row_stats`'s ``(max_2n, sum_kn, agree_n)``.
-    Without TP the backend may do it in one fused sweep (``fused_stats_grad``).
+    Without TP the backend may do it in one fused sweep (``fused_stats_grad``); with TP the
+    PyTorch backend keeps the statistics sweep's exponentials and rescales them
+    (``stats_keep_exps``, ``grad_from_exps``), the Triton backend recomputes them
+    (``write_grad``: on a GPU the extra reads cost less than the extra writes would).
     """
     width = s_nv.shape[1]
-    temp, chunk = cfg.temperature, cfg.chunk_elems
-    fused = getattr(cfg.backend, "fused_stats_grad", None)
+    temp, chunk, backend = cfg.temperature, cfg.chunk_elems, cfg.backend
+    fused = getattr(backend, "fused_stats_grad", None)
     if cfg.world == 1 and fused is not None:
         local = fused(s_nv, t_nv, grad_nv, ylocal_n, ace_n, akd_n, temp, cfg.need_stats, chunk)
         return _merge_row_stats(local, sy_n, cfg, width)
-    local = cfg.backend.local_row_stats(s_nv, t_nv, temp, cfg.need_stats, chunk)
+    if hasattr(backend, "stats_keep_exps"):
+        et_nv = t_nv if cfg.teacher_scratch else torch.empty_like(t_nv)
+        local = backend.stats_keep_exps(s_nv, t_nv, grad_nv, et_nv, temp, cfg.need_stats, chunk)
+        max_2n, sum_kn, agree_n = _merge_row_stats(local, sy_n, cfg, width)
+        zs_n, zt_n, _, _, z1_n = sum_kn
+        ds_n = local.smax_n - max_2n[0]  # <= 0: the shard's maxima against the global ones
+        dt_n = local.tmax_n - max_2n[1]
+        coef_kn = torch.stack([
+            ace_n / z1_n * torch.exp(ds_n), akd_n / zs_n * torch.exp(ds_n / temp),
+            akd_n / zt_n * torch.exp(dt_n / temp), ace_n,
+        ])  # fmt: skip
+        backend.grad_from_exps(grad_nv, et_nv, coef_kn, ylocal_n, temp, chunk)
+        return max_2n, sum_kn, agree_n
+    local = backend.local_row_stats(s_nv, t_nv, temp, cfg.need_stats, chunk)
     max_2n, sum_kn, agree_n = _merge_row_stats(local, sy_n, cfg, width)
     zs_n, zt_n, _, _, z1_n = sum_kn
     coef_kn = torch.stack([max_2n[0], max_2n[1], akd_n / zs_n, ace_n / z1_n, akd_n / zt_n, ace_n])
-    cfg.backend.write_grad(s_nv, t_nv, grad_nv, coef_kn, ylocal_n, temp, chunk)
+    backend.write_grad(s_nv, t_nv, grad_nv, coef_kn, ylocal_n, temp, chunk)
     return max_2n, sum_kn, agree_n
 
 
-class _KDCrossEntropy(torch.autograd.Function):
+class _KDCrossEntropy(GradInForward):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -201,47 +213,26 @@ class _KDCrossEntropy(torch.autograd.Function):
         mask_n: torch.Tensor | None,
         cfg: _Config,
     ) -> tuple[torch.Tensor, ...]:
-        width = s_nv.shape[1]
-        valid_n = labels_n != cfg.ignore_index
-        ycol_n = labels_n - cfg.vocab_start
-        ylocal_n = torch.where(valid_n & (ycol_n >= 0) & (ycol_n < width), ycol_n, -1)
-        sy_n = s_nv.gather(1, ylocal_n.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
-        sy_n = sy_n * (ylocal_n >= 0)
         w, c = cfg.kd_weight, cfg.kd_scale
-        keep_n = valid_n.float() if mask_n is None else valid_n * mask_n
-        kd_keep_n = torch.ones_like(sy_n) if mask_n is None else mask_n.float()
-        ace_n = (1.0 - w) * keep_n
-        akd_n = (w * c / cfg.temperature) * kd_keep_n
+        tok = token_weights(
+            s_nv, labels_n, mask_n, cfg.vocab_start, cfg.ignore_index, w, c / cfg.temperature
+        )
         grad_nv = s_nv if cfg.inplace_grad else torch.empty_like(s_nv)
         max_2n, sum_kn, agree_n = _local_stats_and_grad(
-            s_nv, t_nv, grad_nv, ylocal_n, ace_n, akd_n, sy_n, cfg
+            s_nv, t_nv, grad_nv, tok.ylocal, tok.ace, tok.akd, tok.sy, cfg
         )
         zs_n, zt_n, ats_n, sy_n, z1_n = sum_kn
         kd_n = torch.log(zs_n) - ats_n / zt_n
-        ce_n = torch.where(valid_n, torch.log(z1_n) + max_2n[0] - sy_n, 0.0)
-        loss_n = (1.0 - w) * ce_n * keep_n + (w * c) * kd_n * kd_keep_n
+        ce_n = torch.where(tok.valid, torch.log(z1_n) + max_2n[0] - sy_n, 0.0)
+        loss_n = (1.0 - w) * ce_n * tok.keep + (w * c) * kd_n * tok.kd_keep
         ctx.save_for_backward(grad_nv)
-        ctx.cfg = cfg
-        ctx.consumed = False
+        ctx.chunk_elems, ctx.n_inputs = cfg.chunk_elems, 5
         if not cfg.need_stats:
             return (loss_n,)
         assert agree_n is not None
-        stats = (kd_n * kd_keep_n, ce_n * kd_keep_n, agree_n * kd_keep_n)
+        stats = (kd_n * tok.kd_keep, ce_n * tok.kd_keep, agree_n * tok.kd_keep)
         ctx.mark_non_differentiable(*stats)
         return (loss_n, *stats)
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss_n: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError(
-                "kd_cross_entropy: backward ran twice; the gradient saved in forward is scaled "
-                "in place by the first backward (retain_graph is not supported)"
-            )
-        ctx.consumed = True
-        (grad_nv,) = ctx.saved_tensors
-        cfg: _Config = ctx.cfg
-        scale_rows_(grad_nv, grad_loss_n, cfg.chunk_elems)
-        return grad_nv, None, None, None, None
 
 
 def _check_inputs(
@@ -264,12 +255,6 @@ def _check_inputs(
         raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the labels' shape")
 
 
-def _group_rank_world(tp_group: Any) -> tuple[int, int]:
-    if tp_group is None:
-        return 0, 1
-    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
-
-
 @overload
 def kd_cross_entropy(
     student_logits: torch.Tensor,
@@ -283,6 +268,7 @@ def kd_cross_entropy(
     loss_mask: torch.Tensor | None = None,
     return_stats: Literal[False] = False,
     inplace_grad: bool = False,
+    teacher_scratch: bool = False,
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
@@ -302,6 +288,7 @@ def kd_cross_entropy(
     loss_mask: torch.Tensor | None = None,
     return_stats: Literal[True],
     inplace_grad: bool = False,
+    teacher_scratch: bool = False,
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
@@ -320,6 +307,7 @@ def kd_cross_entropy(
     loss_mask: torch.Tensor | None = None,
     return_stats: bool = False,
     inplace_grad: bool = False,
+    teacher_scratch: bool = False,
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
@@ -340,6 +328,9 @@ def kd_cross_entropy(
             reading them for the loss and statistics) and the backward scales and returns it:
             the logits are destroyed when this call returns; read anything else you need from
             them (metrics) before calling. Needs contiguous logits.
+        teacher_scratch: the teacher logits are a temporary the loss may overwrite (with TP the
+            PyTorch path keeps the teacher's exponentials there instead of in a new buffer of
+            the shard's size); their values are undefined after the call.
         vocab_start_index: first global column of this shard; default ``rank * Vl``.
         impl: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"`` (on CPU
             only under ``TRITON_INTERPRET=1``, for tests).
@@ -357,9 +348,9 @@ def kd_cross_entropy(
         )
     if inplace_grad and not student_logits.is_contiguous():
         raise ValueError("inplace_grad=True needs contiguous student logits")
-    rank, world = _group_rank_world(tp_group)
-    if return_stats and world > _MAX_STATS_RANKS:
-        raise ValueError(f"return_stats supports TP groups of at most {_MAX_STATS_RANKS} ranks")
+    rank, world = group_rank_world(tp_group)
+    if return_stats and world > MAX_STATS_RANKS:
+        raise ValueError(f"return_stats supports TP groups of at most {MAX_STATS_RANKS} ranks")
     width = student_logits.shape[-1]
     leading = labels.shape
     cfg = _Config(
@@ -373,8 +364,9 @@ def kd_cross_entropy(
         ignore_index=ignore_index,
         need_stats=return_stats,
         inplace_grad=inplace_grad,
+        teacher_scratch=teacher_scratch,
         backend=_select_backend(impl, student_logits.device),
-        chunk_elems=_GPU_CHUNK_ELEMS if student_logits.is_cuda else _CPU_CHUNK_ELEMS,
+        chunk_elems=chunk_elems(student_logits.device),
     )
     s_nv = student_logits.contiguous().view(-1, width)
     t_nv = teacher_logits.detach().contiguous().view(-1, width)

@@ -11,16 +11,20 @@ Exponentials per logit element (the dominant cost; ``exp`` runs at ~1.5 ns/eleme
 core, 2.5x a multiply): each sweep computes ``exp((s - m)/T)`` and ``exp((t - m_t)/T)``, plus
 ``exp(s - m)`` for the CE term when ``T != 1`` (at ``T == 1`` the CE and KD student softmax
 coincide; at ``T == 2`` it is the square of ``exp((s - m)/2)``, a multiply). So 2 exponentials
-per element per sweep at ``T = 1`` or ``T = 2``, else 3. With tensor parallelism the forward runs a
-statistics sweep and, after the collectives, a gradient sweep that recomputes them. Without it
-:func:`fused_stats_grad` does both in one sweep: the row is complete in the chunk, so the sums
-are final before the chunk leaves scratch and its exponentials give the gradient directly.
+per element at ``T = 1`` or ``T = 2``, else 3, computed once per call:
+
+* without tensor parallelism :func:`fused_stats_grad` does statistics and gradient in one sweep;
+* with it, :func:`stats_keep_exps` writes the sweep's exponentials (relative to the shard's
+  maxima) into the gradient buffer and the teacher's buffer, and after the collectives
+  :func:`grad_from_exps` rescales them in place to the global maxima and combines them, with no
+  exponential (a square root at T = 2, a power at other T).
 
 No communication here: :mod:`salt_megatron.loss.kd_cross_entropy` merges per-rank statistics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -124,18 +128,22 @@ def _row_stats(
     )
 
 
+ChunkHook = Callable[[slice, _Exps, torch.Tensor], None]
+"""Called by :func:`_stats_sweep` for each chunk: ``(rows, exps, out_kn)`` with the chunk's
+exponentials still in scratch and ``out_kn[:, rows]`` final for these rows."""
+
+
 def _stats_sweep(
     s_nv: torch.Tensor,
     t_nv: torch.Tensor,
     temperature: float,
     need_top1: bool,
     chunk_elems: int,
-    grad_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    hook: ChunkHook | None = None,
 ) -> LocalRowStats:
-    """Statistics sweep; with ``grad_args = (grad_nv, ylocal_n, ace_n, akd_n)`` also the gradient.
+    """Statistics sweep; ``hook`` gets every chunk's exponentials before the scratch is reused.
 
-    The fused form needs the whole row in the chunk (no tensor parallelism): the sums are then
-    final and the gradient of the chunk is written from the exponentials still in scratch.
+    The output rows of ``out_kn`` are ``smax, tmax, zs, zt, ats, z1`` (see :class:`LocalRowStats`).
     """
     n_rows, width = s_nv.shape
     out_kn = torch.empty(6, n_rows, dtype=torch.float32, device=s_nv.device)
@@ -154,14 +162,8 @@ def _stats_sweep(
         if temperature != 1.0:
             out_kn[5, rows] = exps.e1.sum(dim=-1)
         out_kn[2, rows] = exps.es.sum(dim=-1)
-        if grad_args is not None:
-            grad_nv, ylocal_n, ace_n, akd_n = grad_args
-            z1_c = out_kn[5 if temperature != 1.0 else 2, rows]
-            coef_4c = torch.stack(
-                [akd_n[rows] / out_kn[2, rows], ace_n[rows] / z1_c, akd_n[rows] / out_kn[3, rows],
-                 ace_n[rows]]
-            )  # fmt: skip
-            _combine(exps, coef_4c, ylocal_n[rows], grad_nv[rows])
+        if hook is not None:
+            hook(rows, exps, out_kn)
     return _row_stats(out_kn, args_kn, temperature)
 
 
@@ -184,20 +186,6 @@ def _combine(
     g_cv.copy_(acc_cv)
 
 
-def local_row_stats(
-    s_nv: torch.Tensor,
-    t_nv: torch.Tensor,
-    temperature: float,
-    need_top1: bool,
-    chunk_elems: int,
-) -> LocalRowStats:
-    """One chunked sweep over the shards ``s_nv``, ``t_nv`` (``[N, Vl]``, contiguous).
-
-    Reductions are over the local vocabulary columns only; float32 arithmetic throughout.
-    """
-    return _stats_sweep(s_nv, t_nv, temperature, need_top1, chunk_elems, None)
-
-
 def fused_stats_grad(
     s_nv: torch.Tensor,
     t_nv: torch.Tensor,
@@ -214,41 +202,81 @@ def fused_stats_grad(
     Writes ``grad = akd (es/Zs - et/Zt) + ace (e1/Z1 - [v == y])`` into ``grad_nv`` (``[N, V]``,
     may be ``s_nv``); ``ace_n``/``akd_n`` are the float32 ``[N]`` CE and KD gradient weights
     (``(1-w) mask [y valid]`` and ``w c mask / T``); ``ylocal_n`` is int64, -1 for no label.
-    Returns the same statistics as :func:`local_row_stats`, which are then global.
+    Returns the row statistics (:class:`LocalRowStats`), which are then global. The row is
+    complete in its chunk, so its sums are final before the chunk leaves scratch and its
+    exponentials give the gradient directly.
     """
-    grad_args = (grad_nv, ylocal_n, ace_n, akd_n)
-    return _stats_sweep(s_nv, t_nv, temperature, need_top1, chunk_elems, grad_args)
+
+    def gradient(rows: slice, exps: _Exps, out_kn: torch.Tensor) -> None:
+        z1_c = out_kn[5 if temperature != 1.0 else 2, rows]
+        coef_4c = torch.stack(
+            [akd_n[rows] / out_kn[2, rows], ace_n[rows] / z1_c, akd_n[rows] / out_kn[3, rows],
+             ace_n[rows]]
+        )  # fmt: skip
+        _combine(exps, coef_4c, ylocal_n[rows], grad_nv[rows])
+
+    return _stats_sweep(s_nv, t_nv, temperature, need_top1, chunk_elems, gradient)
 
 
-def write_grad(
+def stats_keep_exps(
     s_nv: torch.Tensor,
     t_nv: torch.Tensor,
-    grad_nv: torch.Tensor,
+    es_nv: torch.Tensor,
+    et_nv: torch.Tensor,
+    temperature: float,
+    need_top1: bool,
+    chunk_elems: int,
+) -> LocalRowStats:
+    """Shard statistics (one sweep), keeping the sweep's exponentials for :func:`grad_from_exps`.
+
+    Writes ``exp(s - smax)`` into ``es_nv`` and ``exp((t - tmax) / T)`` into ``et_nv``
+    (``[N, Vl]`` each, relative to this shard's maxima, rounded once to the buffer's dtype:
+    float32 buffers keep them exactly). ``es_nv`` may alias ``s_nv`` and ``et_nv`` may alias
+    ``t_nv``: a chunk is read into scratch before it is written. The student's T = 1
+    exponential is kept because ``exp((s - smax)/T) = es**(1/T)`` loses nothing for T >= 1
+    (it is the larger of the two and rounds with a relative error divided by T).
+    """
+
+    def keep(rows: slice, exps: _Exps, out_kn: torch.Tensor) -> None:
+        es_nv[rows].copy_(exps.e1)
+        et_nv[rows].copy_(exps.et)
+
+    return _stats_sweep(s_nv, t_nv, temperature, need_top1, chunk_elems, keep)
+
+
+def grad_from_exps(
+    es_nv: torch.Tensor,
+    et_nv: torch.Tensor,
     coef_kn: torch.Tensor,
     ylocal_n: torch.Tensor,
     temperature: float,
     chunk_elems: int,
 ) -> None:
-    """Write ``d loss / d s`` into ``grad_nv`` (``[N, Vl]``; may be ``s_nv`` itself).
+    """Turn :func:`stats_keep_exps`'s exponentials into ``d loss / d s``, in place in ``es_nv``.
 
-    ``coef_kn`` is float32 ``[6, N]``: rows ``smax, tmax, cp, c1, cq, a_ce`` (global maxima and
-    per-row coefficients)::
+    ``coef_kn`` is float32 ``[4, N]``: rows ``c1, cs, cq, a_ce`` (per-row coefficients that
+    already hold the rescaling from the shard's maxima to the global ones)::
 
-        grad = cp * exp((s - smax)/T) + c1 * exp(s - smax) - cq * exp((t - tmax)/T)
-               - a_ce * [v == ylocal]
+        grad = c1 * es + cs * es**(1/T) - cq * et - a_ce * [v == ylocal]
 
-    ``ylocal_n`` is the int64 local label column, or -1 where the label is not on this shard.
-    A chunk is read completely into scratch before its gradient is written, so in-place is safe.
+    No exponential: one sweep of upcasts, multiply-adds and one rounding to ``es_nv``'s dtype
+    (``es**(1/T)`` is ``es`` itself at T = 1 and a square root at T = 2).
     """
-    n_rows, width = s_nv.shape
-    bufs = _scratch(n_rows, width, chunk_elems, s_nv)
+    n_rows, width = es_nv.shape
+    bufs = _scratch(n_rows, width, chunk_elems, es_nv)
     step = bufs.shape[1]
+    inv_t = 1.0 / temperature
     for r0 in range(0, n_rows, step):
         rows = slice(r0, min(r0 + step, n_rows))
-        s_cv, t_cv = _upcast(s_nv[rows], bufs[0]), _upcast(t_nv[rows], bufs[1])
-        smax_c1, tmax_c1 = coef_kn[0, rows].unsqueeze(-1), coef_kn[1, rows].unsqueeze(-1)
-        exps, _ = _chunk_exps(s_cv, t_cv, bufs, smax_c1, tmax_c1, temperature, need_dot=False)
-        _combine(exps, coef_kn[2:, rows], ylocal_n[rows], grad_nv[rows])
+        e1_cv, et_cv = _upcast(es_nv[rows], bufs[0]), _upcast(et_nv[rows], bufs[1])
+        es_cv = e1_cv
+        if temperature == 2.0:
+            es_cv = torch.sqrt(e1_cv, out=bufs[2, : e1_cv.shape[0]])
+        elif temperature != 1.0:
+            es_cv = torch.pow(e1_cv, inv_t, out=bufs[2, : e1_cv.shape[0]])
+        exps = _Exps(es=es_cv, e1=e1_cv, et=et_cv)
+        c1_c, cs_c, cq_c, ace_c = coef_kn[:, rows]
+        _combine(exps, torch.stack([cs_c, c1_c, cq_c, ace_c]), ylocal_n[rows], es_nv[rows])
 
 
 def scale_rows_(grad_nv: torch.Tensor, scale_n: torch.Tensor, chunk_elems: int) -> None:

@@ -3,8 +3,9 @@
 Each worker builds the same full-vocabulary logits on every rank, keeps its contiguous shard,
 and checks: loss, gradient shard and statistics against the dense float64 reference; w=0 against
 megatron-core's vocab_parallel_cross_entropy; exactly two collectives in forward and none in
-backward (a counting wrapper around every torch.distributed collective); unequal shards refused;
-a size-1 group (TP=1) equal to tp_group=None.
+backward (a counting wrapper around every torch.distributed collective); ``teacher_scratch``
+bitwise equal to a new buffer; unequal shards refused; a size-1 group (TP=1) equal to
+tp_group=None.
 """
 
 from __future__ import annotations
@@ -135,6 +136,25 @@ def _check_collective_count(group, rank: int, tp: int) -> tuple[int, int]:
     return len(fwd.calls), len(bwd.calls)
 
 
+def _check_teacher_scratch(rank: int, tp: int, group) -> None:
+    """teacher_scratch=True gives the same loss and gradient bit for bit, and uses the buffer."""
+    from salt_megatron.loss import kd_cross_entropy
+
+    s, t, y, mask = _full_inputs(torch.bfloat16)
+    width = V // tp
+    cols = slice(rank * width, (rank + 1) * width)
+    grads = []
+    for scratch in (False, True):
+        leaf = s[:, cols].clone().requires_grad_()
+        t_shard = t[:, cols].clone()
+        loss = kd_cross_entropy(leaf, t_shard, y, 0.4, 2.0, group, loss_mask=mask,
+                                teacher_scratch=scratch)  # fmt: skip
+        loss.sum().backward()
+        grads.append((loss, leaf.grad))
+        assert torch.equal(t_shard, t[:, cols]) != scratch  # overwritten only when allowed
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 def _check_unequal_shards_refused(group, rank: int, tp: int) -> None:
     from salt_megatron.loss import kd_cross_entropy
 
@@ -169,6 +189,7 @@ def tp_worker(tp: int) -> dict[str, object]:
     n_checks = _check_against_reference(group, rank, tp)
     _check_megatron_w0(tp, rank)
     counts = _check_collective_count(group, rank, tp)
+    _check_teacher_scratch(rank, tp, group)
     _check_unequal_shards_refused(group, rank, tp)
     _check_size_one_group(rank, dist.get_world_size())
     return {"reference_checks": n_checks, "collectives_fwd_bwd": counts}

@@ -1,0 +1,112 @@
+"""Pieces shared by the dense (:mod:`.kd_cross_entropy`) and sparse (:mod:`.sparse_kd`) losses.
+
+Both compute ``(1 - w) CE + w c KD`` per token on vocab-parallel student logits, write the
+gradient in forward, and scale it by the upstream gradient in backward; they share the label
+and mask bookkeeping, the per-token statistics type and that backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from salt_megatron.loss.torch_kd import scale_rows_
+
+MAX_STATS_RANKS = 24
+"""Largest TP group whose top-1 agreement bits (``2**rank``) are exact in a float32 sum."""
+CPU_CHUNK_ELEMS = 1 << 18
+GPU_CHUNK_ELEMS = 1 << 26
+
+
+class KDStats(NamedTuple):
+    """Per-token float32 statistics (leading shape, multiplied by ``loss_mask``; no gradient).
+
+    ``kd``: raw KD term (no weight, no T^2); ``ce``: CE term (0 for ignored labels);
+    ``top1_agree``: 1.0 where the full-vocabulary first argmax of student and teacher agree.
+    """
+
+    kd: torch.Tensor
+    ce: torch.Tensor
+    top1_agree: torch.Tensor
+
+
+class TokenWeights(NamedTuple):
+    """Per-token label bookkeeping of one ``[N]`` row set (every tensor ``[N]``).
+
+    ``valid``: label != ignore index; ``ylocal``: int64 local label column, -1 where the label
+    is ignored or on another shard; ``sy``: float32 label logit on its shard, else 0;
+    ``keep``/``kd_keep``: float weights of the CE / KD terms (mask and valid label / mask only);
+    ``ace``/``akd``: the gradient weights ``(1 - w) keep`` and ``w c kd_keep / T``.
+    """
+
+    valid: torch.Tensor
+    ylocal: torch.Tensor
+    sy: torch.Tensor
+    keep: torch.Tensor
+    kd_keep: torch.Tensor
+    ace: torch.Tensor
+    akd: torch.Tensor
+
+
+def token_weights(
+    s_nv: torch.Tensor,
+    labels_n: torch.Tensor,
+    mask_n: torch.Tensor | None,
+    vocab_start: int,
+    ignore_index: int,
+    kd_weight: float,
+    kd_coef: float,
+) -> TokenWeights:
+    """Labels and mask of ``[N]`` tokens on the shard ``s_nv`` (``[N, Vl]``, starting at
+    global column ``vocab_start``); ``kd_coef`` is ``c / T``."""
+    width = s_nv.shape[1]
+    valid_n = labels_n != ignore_index
+    ycol_n = labels_n - vocab_start
+    ylocal_n = torch.where(valid_n & (ycol_n >= 0) & (ycol_n < width), ycol_n, -1)
+    sy_n = s_nv.gather(1, ylocal_n.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+    sy_n = sy_n * (ylocal_n >= 0)
+    keep_n = valid_n.float() if mask_n is None else valid_n * mask_n
+    kd_keep_n = torch.ones_like(sy_n) if mask_n is None else mask_n.float()
+    return TokenWeights(
+        valid=valid_n,
+        ylocal=ylocal_n,
+        sy=sy_n,
+        keep=keep_n,
+        kd_keep=kd_keep_n,
+        ace=(1.0 - kd_weight) * keep_n,
+        akd=(kd_weight * kd_coef) * kd_keep_n,
+    )
+
+
+def group_rank_world(tp_group: Any) -> tuple[int, int]:
+    """``(rank, size)`` in ``tp_group``; ``(0, 1)`` for None."""
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
+
+
+def chunk_elems(device: torch.device) -> int:
+    """Elements per row chunk of the PyTorch sweeps on ``device``."""
+    return GPU_CHUNK_ELEMS if device.type == "cuda" else CPU_CHUNK_ELEMS
+
+
+class GradInForward(torch.autograd.Function):
+    """Base of the losses whose forward saves the gradient for a unit upstream gradient.
+
+    The forward must ``ctx.save_for_backward(grad_nv)`` and set ``ctx.chunk_elems`` and
+    ``ctx.n_inputs`` (its number of inputs). The backward scales the rows in place, once.
+    """
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss_n: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "KD loss: backward ran twice; the gradient saved in forward is scaled "
+                "in place by the first backward (retain_graph is not supported)"
+            )
+        ctx.consumed = True
+        (grad_nv,) = ctx.saved_tensors
+        scale_rows_(grad_nv, grad_loss_n, ctx.chunk_elems)
+        return (grad_nv,) + (None,) * (ctx.n_inputs - 1)
