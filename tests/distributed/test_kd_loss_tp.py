@@ -1,11 +1,13 @@
-"""kd_cross_entropy across real gloo TP groups (world 2 and 4, one spawn each).
+"""kd_cross_entropy and sparse_kd_cross_entropy across real gloo TP groups (world 2 and 4, one
+spawn each).
 
 Each worker builds the same full-vocabulary logits on every rank, keeps its contiguous shard,
 and checks: loss, gradient shard and statistics against the dense float64 reference; w=0 against
 megatron-core's vocab_parallel_cross_entropy; exactly two collectives in forward and none in
 backward (a counting wrapper around every torch.distributed collective); ``teacher_scratch``
 bitwise equal to a new buffer; unequal shards refused; a size-1 group (TP=1) equal to
-tp_group=None.
+tp_group=None. The sparse loss: against its float64 reference with padding columns on the last
+shard, two collectives in forward and none in backward, and k = V equal to the dense loss.
 """
 
 from __future__ import annotations
@@ -155,6 +157,67 @@ def _check_teacher_scratch(rank: int, tp: int, group) -> None:
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def _check_sparse(group, rank: int, tp: int) -> int:
+    """The sparse loss on shards (the last one with padding columns) against its reference, the
+    k = V case against the dense loss on the same shards, and two collectives in forward."""
+    from salt_megatron.loss import (
+        kd_cross_entropy,
+        reference_sparse_kd_loss,
+        sparse_kd_cross_entropy,
+    )
+    from tests.unit.test_sparse_kd import sparse_targets
+
+    v_true, width = V - 8, V // tp
+    cols = slice(rank * width, (rank + 1) * width)
+    n_checks = 0
+    for dtype, temp, residual in itertools.product(
+        (torch.float32, torch.bfloat16), (1.0, 2.0), ("uniform", "drop")
+    ):
+        s, t, y, mask = _full_inputs(dtype)
+        y = y.clamp(max=v_true - 1)
+        ids, logp, resid = sparse_targets(t[:, :v_true].float(), temp, 16)
+        upstream = torch.linspace(0.5, 1.5, y.numel())
+        leaf = s[:, cols].clone().requires_grad_()
+        with _CallCounter() as fwd:
+            loss, stats = sparse_kd_cross_entropy(
+                leaf, ids, logp, resid, y, 0.3, temp, group, residual=residual,
+                vocab_size=v_true, t2_scaling=True, loss_mask=mask, return_stats=True,
+            )  # fmt: skip
+        with _CallCounter() as bwd:
+            (loss * upstream).sum().backward()
+        assert fwd.calls == ["all_reduce", "all_reduce"] and bwd.calls == [], (fwd.calls, bwd.calls)
+        s64 = s.double().requires_grad_()
+        ref = reference_sparse_kd_loss(
+            s64, ids, logp, resid, y, 0.3, temp, residual=residual, vocab_size=v_true,
+            t2_scaling=True, loss_mask=mask,
+        )  # fmt: skip
+        (grad64,) = torch.autograd.grad((ref["loss"] * upstream.double()).sum(), s64)
+        torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-5)
+        tol = 1e-6 if dtype == torch.float32 else 8e-3
+        assert leaf.grad is not None
+        torch.testing.assert_close(leaf.grad.double(), grad64[:, cols], rtol=tol, atol=tol)
+        for name in ("kd", "ce", "top1_agree"):
+            got = getattr(stats, name).double()
+            torch.testing.assert_close(got, ref[name], rtol=1e-5, atol=1e-5)
+        n_checks += 1
+    s, t, y, _ = _full_inputs(torch.float32)
+    t[:, v_true:] = -1e30  # the teacher's padding, as the colocated teacher delivers it
+    top = torch.log_softmax(t[:, :v_true] / 2.0, dim=-1).topk(v_true, dim=-1)
+    grads = []
+    for sparse in (True, False):
+        leaf = s[:, cols].clone().requires_grad_()
+        if sparse:
+            loss = sparse_kd_cross_entropy(leaf, top.indices, top.values, torch.zeros(y.shape),
+                                           y, 0.3, 2.0, group, vocab_size=v_true)  # fmt: skip
+        else:
+            loss = kd_cross_entropy(leaf, t[:, cols].clone(), y, 0.3, 2.0, group)
+        loss.sum().backward()
+        grads.append((loss, leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)
+    return n_checks + 1
+
+
 def _check_unequal_shards_refused(group, rank: int, tp: int) -> None:
     from salt_megatron.loss import kd_cross_entropy
 
@@ -190,9 +253,11 @@ def tp_worker(tp: int) -> dict[str, object]:
     _check_megatron_w0(tp, rank)
     counts = _check_collective_count(group, rank, tp)
     _check_teacher_scratch(rank, tp, group)
+    sparse_checks = _check_sparse(group, rank, tp)
     _check_unequal_shards_refused(group, rank, tp)
     _check_size_one_group(rank, dist.get_world_size())
-    return {"reference_checks": n_checks, "collectives_fwd_bwd": counts}
+    return {"reference_checks": n_checks, "collectives_fwd_bwd": counts,
+            "sparse_checks": sparse_checks}  # fmt: skip
 
 
 @pytest.mark.distributed
@@ -200,4 +265,4 @@ def tp_worker(tp: int) -> dict[str, object]:
 def test_kd_loss_tensor_parallel(tp: int) -> None:
     results = run_distributed(tp_worker, tp, tp)
     for res in results:
-        assert res == {"reference_checks": 12, "collectives_fwd_bwd": (2, 0)}
+        assert res == {"reference_checks": 12, "collectives_fwd_bwd": (2, 0), "sparse_checks": 9}
