@@ -183,6 +183,12 @@ class DistillConfig:
     """Multiply the KD term by T^2 (keeps its gradient scale independent of T)."""
     kd_data_path: list[str] | None = None
     """A separate blend for the KD phase (SALT_DS selection), Megatron-style 'w1 p1 w2 p2'."""
+    kd_targets: str | None = None
+    """Directory of stored teacher targets (tools/save_teacher_targets.py): the KD phase trains on
+    them with the sparse loss and builds no teacher (instead of --kd-teacher-load)."""
+    kd_residual: Literal["uniform", "drop"] = "uniform"
+    """With --kd-targets, the teacher's mass outside the stored ids: spread evenly over the other
+    ids (uniform) or dropped, renormalising the stored ones (drop)."""
 
     def __post_init__(self) -> None:
         _check(self.kd_steps >= 0, f"--kd-steps must be >= 0, got {self.kd_steps}")
@@ -196,11 +202,17 @@ class DistillConfig:
             self.kd_schedule != "linear_ratio" or self.kd_weight < 1.0,
             "--kd-weight must be < 1 with --kd-schedule linear_ratio (w/(1-w) is infinite at 1)",
         )
+        _check(
+            self.kd_teacher_load is None or self.kd_targets is None,
+            "--kd-teacher-load and --kd-targets exclude each other: the KD phase runs either the "
+            "teacher or its stored targets",
+        )
 
     @property
     def enabled(self) -> bool:
-        """True when a teacher and a positive KD phase are configured."""
-        return self.kd_teacher_load is not None and self.kd_steps > 0
+        """True when a teacher (or its stored targets) and a positive KD phase are configured."""
+        has_teacher = self.kd_teacher_load is not None or self.kd_targets is not None
+        return has_teacher and self.kd_steps > 0
 
 
 @dataclass

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from salt_megatron.data.teacher_targets import TARGET_KEYS
+
 Batch = dict[str, torch.Tensor]
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -34,7 +36,8 @@ def sample_indices(
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> Batch:
-    """Stack GPTDataset samples into ``{key: [b, s]}`` tensors (tokens/position_ids int64)."""
+    """Stack GPTDataset samples into ``{key: [b, s]}`` tensors (tokens/position_ids int64), plus
+    the stored teacher targets when the samples carry them (``[b, s, k]`` / ``[b, s]``)."""
     batch: Batch = {}
     for key in _KEYS:
         column = [torch.as_tensor(s[key]) for s in samples]
@@ -43,6 +46,9 @@ def collate(samples: Sequence[dict[str, Any]]) -> Batch:
     batch["labels"] = batch["labels"].long()
     batch["position_ids"] = batch["position_ids"].long()
     batch["loss_mask"] = batch["loss_mask"].float()
+    for key in TARGET_KEYS:  # stored teacher targets (TargetsDataset), kept in their dtypes
+        if key in samples[0]:
+            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
     return batch
 
 

@@ -2,7 +2,10 @@
 
 :class:`KDPhase` owns the teacher's lifecycle (built when a step inside the KD phase is about to
 run, on a fresh start or a resume; released at the first step past ``n_kd``), the per-step KD
-weight, the KD forward step, and which dataset (and sample offset) the current step reads.
+weight, the KD forward step, and which dataset (and sample offset) the current step reads. With
+stored teacher targets (``--kd-targets``) there is no teacher: the KD phase reads its samples
+with their targets (:class:`~salt_megatron.data.teacher_targets.TargetsDataset`) and trains with
+the sparse loss.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import psutil
 import torch
 
 from salt_megatron.config.schema import SaltConfig
+from salt_megatron.data.teacher_targets import TargetsDataset, TargetStore
+from salt_megatron.distill.offline_step import OfflineKDForwardStep
 from salt_megatron.distill.schedule import in_kd_phase, weight_for
 from salt_megatron.distill.step import KDForwardStep
 from salt_megatron.parallel.state import StudentLayout, preserved_rng
@@ -38,6 +43,7 @@ class KDPhase:
         tokenizer_fingerprint: str,
         kd_train: Any | None,
         writer: MetricsWriter | None = None,
+        kd_targets: TargetStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.layout = layout
@@ -45,9 +51,11 @@ class KDPhase:
         self.padded_vocab = padded_vocab
         self.fingerprint = tokenizer_fingerprint
         self.kd_train = kd_train
-        self.step_fn: KDForwardStep | None = None
+        self.step_fn: KDForwardStep | OfflineKDForwardStep | None = None
         self.released_bytes: int | None = None
         self.writer = writer
+        self.targets = kd_targets
+        self._targets_data: TargetsDataset | None = None
 
     def weight(self, step: int) -> float:
         """KD weight of the 0-based step ``step``."""
@@ -58,13 +66,29 @@ class KDPhase:
 
         With a separate KD blend (``--kd-data-path``) the KD phase reads it from sample 0 and the
         main data starts from its sample 0 at the switch; otherwise one stream runs throughout.
+        With stored targets the KD phase reads its dataset through the store.
         """
         gbs = self.cfg.training.global_batch_size
+        if in_kd_phase(self.cfg.distill, step):
+            kd_data = self.kd_train if self.kd_train is not None else main_train
+            if self.targets is not None:
+                kd_data = self._with_targets(kd_data)
+            return kd_data, step * gbs
         if self.kd_train is None:
             return main_train, step * gbs
-        if in_kd_phase(self.cfg.distill, step):
-            return self.kd_train, step * gbs
         return main_train, (step - self.cfg.distill.kd_steps) * gbs
+
+    def _with_targets(self, dataset: Any) -> TargetsDataset:
+        """``dataset`` with its stored targets, after checking they were made for it."""
+        if self._targets_data is None:
+            assert self.targets is not None
+            cfg = self.cfg
+            self.targets.check_run(
+                self.fingerprint, dataset, cfg.distill.kd_steps * cfg.training.global_batch_size,
+                cfg.data.seq_length, self.vocab_size, cfg.distill.kd_temperature,
+            )  # fmt: skip
+            self._targets_data = TargetsDataset(dataset, self.targets)
+        return self._targets_data
 
     def sync(self, step: int) -> bool:
         """Build or release the teacher for ``step``; True when the data stream must switch."""
@@ -75,7 +99,7 @@ class KDPhase:
         if self.step_fn is None:
             return False
         self._release(step)
-        return self.kd_train is not None
+        return self.kd_train is not None or self.targets is not None
 
     def forward_step(self, step: int) -> KDForwardStep | None:
         """The KD forward step with this step's weight, or None outside the KD phase."""
@@ -95,6 +119,14 @@ class KDPhase:
         from salt_megatron.teacher import Teacher
 
         lay = self.layout
+        if self.targets is not None:
+            self.step_fn = OfflineKDForwardStep(self.cfg.distill, lay.tp_group, self.vocab_size)
+            log.info(
+                f"KD phase: stored teacher targets from {self.targets.describe()} for "
+                f"{self.cfg.distill.kd_steps} steps, schedule {self.cfg.distill.kd_schedule}, "
+                f"residual {self.cfg.distill.kd_residual} (no teacher model)"
+            )
+            return
         with preserved_rng():
             teacher = self._build_teacher(Teacher, lay)
         self.step_fn = KDForwardStep(teacher, self.cfg.distill, lay.tp_group)
@@ -128,9 +160,14 @@ class KDPhase:
             mib = {"teacher_freed_mib": freed, "memory_before_release_mib": before,
                    "memory_after_release_mib": after}  # fmt: skip
             self.writer.scalars(step, {k: v / 2**20 for k, v in mib.items()}, prefix="kd/")
+        what = (
+            "no teacher to release (stored targets)"
+            if self.targets is not None
+            else f"teacher released: {freed / 2**20:.1f} MiB of teacher state freed"
+        )
         log.info(
-            f"step {step}: KD phase over, teacher released: {freed / 2**20:.1f} MiB of teacher "
-            f"state freed, memory in use {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+            f"step {step}: KD phase over, {what}, memory in use {before / 2**20:.1f} -> "
+            f"{after / 2**20:.1f} MiB"
         )
 
     def state(self, step: int) -> dict[str, Any]:
@@ -142,6 +179,7 @@ class KDPhase:
             "kd_schedule": d.kd_schedule,
             "kd_weight": d.kd_weight,
             "kd_teacher_load": d.kd_teacher_load,
+            "kd_targets": d.kd_targets,
             "kd_data_path": d.kd_data_path,
         }
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from salt_megatron.checkpoint.manager import Checkpointer
 from salt_megatron.config.schema import SaltConfig
+from salt_megatron.data.teacher_targets import TargetStore
 from salt_megatron.training.data import build_run_data
 from salt_megatron.training.logger import log
 from salt_megatron.training.trainer import Trainer
@@ -17,15 +18,18 @@ def run(cfg: SaltConfig) -> int:
     """Build data and the student, train, run the final test evaluation; returns an exit code."""
     dp = cfg.data_parallel_size(dist.get_world_size())
     data = build_run_data(cfg, dp)
-    kd_train = None
+    kd_train = targets = None
     if cfg.distill.enabled and cfg.distill.kd_data_path:
         kd_train = build_run_data(cfg, dp, blend=cfg.distill.kd_data_path).train
+    if cfg.distill.enabled and cfg.distill.kd_targets:
+        targets = TargetStore(cfg.distill.kd_targets)
     trainer = Trainer(
         cfg,
         (data.train, data.valid),
         data.vocab_size,
         kd_train=kd_train,
         tokenizer_fingerprint=data.tokenizer.fingerprint,
+        kd_targets=targets,
     )
     ckpt = Checkpointer(
         trainer, data.tokenizer.fingerprint, extra_fn=lambda: trainer.kd.state(trainer.step)

@@ -52,7 +52,8 @@ class Trainer:
 
     ``datasets`` is ``(train, valid)``: indexable GPT datasets yielding megatron's sample dicts;
     ``kd_train`` an optional separate training set for the KD phase (SALT_DS selection).
-    ``tokenizer_fingerprint`` identifies the tokenizer (checked against the teacher's).
+    ``tokenizer_fingerprint`` identifies the tokenizer (checked against the teacher's);
+    ``kd_targets`` a :class:`~salt_megatron.data.teacher_targets.TargetStore` (``--kd-targets``).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class Trainer:
         vocab_size: int,
         kd_train: Any | None = None,
         tokenizer_fingerprint: str = "",
+        kd_targets: Any | None = None,
     ) -> None:
         self.cfg = cfg
         check_fp8(cfg.training.fp8_format, cfg.training.fp8_recipe)  # before any group exists
@@ -99,6 +101,7 @@ class Trainer:
             tokenizer_fingerprint,
             kd_train,
             self.writer,
+            kd_targets,
         )
         self.train_iters: list[MicroBatchIterator | None] = []
         self.reset_data_position()
