@@ -31,11 +31,28 @@ from salt_megatron.data.teacher_targets import (
 )
 from salt_megatron.training.step import to_device
 
+_ROW_CHUNK_ELEMS = 1 << 25
+
 
 def _all_reduce(x: torch.Tensor, op: Any, group: Any, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
+
+
+def _local_top(x_nv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and columns of the first ``k`` columns of each row by (value desc, column asc):
+    ``topk`` picks among tied values arbitrarily, this picks the lowest columns."""
+    kth_n1 = x_nv.topk(k, dim=-1).values[:, -1:]
+    above_nv, tied_nv = x_nv > kth_n1, x_nv == kth_n1
+    need_n = k - above_nv.sum(dim=-1)
+    chosen_nv = above_nv | tied_nv
+    crossing = (tied_nv.sum(dim=-1) > need_n).nonzero().squeeze(-1)  # ties across the k-th
+    if crossing.numel():
+        first_cv = tied_nv[crossing].cumsum(dim=-1) <= need_n[crossing].unsqueeze(-1)
+        chosen_nv[crossing] = above_nv[crossing] | (tied_nv[crossing] & first_cv)
+    cols_nk = chosen_nv.nonzero()[:, 1].view(-1, k)  # ascending columns
+    return x_nv.gather(1, cols_nk), cols_nk
 
 
 def sparse_targets(
@@ -53,8 +70,9 @@ def sparse_targets(
     kept), ``logq`` ``[N, k]`` float32 (``log softmax(logits / T)`` of each id, 0 where not
     kept) and ``residual`` ``[N]`` float32 (``1 - sum`` of the kept probabilities). With
     ``top_p`` a token keeps its most probable ids up to and including the first one at which
-    their cumulative probability reaches ``top_p`` (at most k). Collectives: MAX, SUM, one
-    all-gather of ``[N, k, 2]`` float64.
+    their cumulative probability reaches ``top_p`` (at most k). Deterministic under ties (lower
+    ids first), so any layout of the teacher gives the same targets. Collectives: MAX, SUM, one
+    all-gather of ``[N, k, 2]`` float64. Host synchronising (the tool's path, not training's).
     """
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
     world = dist.get_world_size(tp_group) if tp_group is not None else 1
@@ -64,12 +82,13 @@ def sparse_targets(
     sum_n = _all_reduce(
         (x_nv - max_n.unsqueeze(-1)).exp_().sum(dim=-1), dist.ReduceOp.SUM, tp_group, world
     )
-    vals_nj, cols_nj = x_nv.topk(min(top_k, width), dim=-1)
+    vals_nj, cols_nj = _local_top(x_nv, min(top_k, width))
     cand_njc = torch.stack([vals_nj.double(), (cols_nj + rank * width).double()], dim=-1)
     if world > 1:
-        gathered = torch.empty((world, *cand_njc.shape), dtype=torch.float64, device=x_nv.device)
+        n, j, _ = cand_njc.shape
+        gathered = torch.empty((world * n, j, 2), dtype=torch.float64, device=x_nv.device)
         dist.all_gather_into_tensor(gathered, cand_njc.contiguous(), group=tp_group)
-        cand_njc = gathered.permute(1, 0, 2, 3).reshape(x_nv.shape[0], -1, 2)
+        cand_njc = gathered.view(world, n, j, 2).permute(1, 0, 2, 3).reshape(n, world * j, 2)
     by_id = cand_njc[..., 1].argsort(dim=-1)
     cand_njc = cand_njc.gather(1, by_id.unsqueeze(-1).expand_as(cand_njc))
     order = cand_njc[..., 0].argsort(dim=-1, descending=True, stable=True)[:, :top_k]
@@ -103,10 +122,14 @@ def _shard_targets(
         batch = to_device(collate(samples))
         logits_sbv = teacher.student_layout_logits(batch["tokens"], batch["position_ids"])
         s, b, width = logits_sbv.shape
-        ids_nk, logq_nk, resid_n = sparse_targets(
-            logits_sbv.reshape(s * b, width), spec.temperature, spec.top_k, spec.top_p,
-            tp_group, spec.vocab_size,
-        )  # fmt: skip
+        logits_nv = logits_sbv.reshape(s * b, width)
+        step = max(1, _ROW_CHUNK_ELEMS // width)  # bounds the float32 temporaries
+        parts = [
+            sparse_targets(logits_nv[r : r + step], spec.temperature, spec.top_k, spec.top_p,
+                           tp_group, spec.vocab_size)
+            for r in range(0, s * b, step)
+        ]  # fmt: skip
+        ids_nk, logq_nk, resid_n = (torch.cat(x) for x in zip(*parts))
         ids[rows] = ids_nk.view(s, b, -1).transpose(0, 1).cpu().numpy()
         logq[rows] = logq_nk.view(s, b, -1).transpose(0, 1).cpu().numpy()
         resid[rows] = resid_n.view(s, b).t().cpu().numpy()

@@ -7,7 +7,8 @@ megatron-core's vocab_parallel_cross_entropy; exactly two collectives in forward
 backward (a counting wrapper around every torch.distributed collective); ``teacher_scratch``
 bitwise equal to a new buffer; unequal shards refused; a size-1 group (TP=1) equal to
 tp_group=None. The sparse loss: against its float64 reference with padding columns on the last
-shard, two collectives in forward and none in backward, and k = V equal to the dense loss.
+shard, two collectives in forward and none in backward, and k = V equal to the dense loss; the
+stored targets' top-k / top-p merge across shards equal to the one-shard result.
 """
 
 from __future__ import annotations
@@ -218,6 +219,22 @@ def _check_sparse(group, rank: int, tp: int) -> int:
     return n_checks + 1
 
 
+def _check_teacher_targets_merge(group, rank: int, tp: int) -> None:
+    """tools/save_teacher_targets.py's top-k / top-p merge across shards equals the one-shard
+    result (ids exactly, ties included: rows 0-3 are 0/1 logits)."""
+    from salt_megatron.distill.targets import sparse_targets
+
+    _, t, _, _ = _full_inputs(torch.bfloat16)
+    t[:, V - 8 :] = -1e30  # padding columns
+    width = V // tp
+    for top_p in (None, 0.8):
+        got = sparse_targets(t[:, rank * width : (rank + 1) * width], 2.0, 16, top_p, group, V - 8)
+        want = sparse_targets(t, 2.0, 16, top_p, None, V - 8)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6)
+
+
 def _check_unequal_shards_refused(group, rank: int, tp: int) -> None:
     from salt_megatron.loss import kd_cross_entropy
 
@@ -254,6 +271,7 @@ def tp_worker(tp: int) -> dict[str, object]:
     counts = _check_collective_count(group, rank, tp)
     _check_teacher_scratch(rank, tp, group)
     sparse_checks = _check_sparse(group, rank, tp)
+    _check_teacher_targets_merge(group, rank, tp)
     _check_unequal_shards_refused(group, rank, tp)
     _check_size_one_group(rank, dist.get_world_size())
     return {"reference_checks": n_checks, "collectives_fwd_bwd": counts,
