@@ -17,7 +17,11 @@ Reported per row (the fastest block of each kind: the machine may be shared):
   ``vocab_parallel_cross_entropy`` (forward + backward on logits of the step's shape, timed
   separately, times the micro-batches), and the unexplained rest.
 
-    python benchmarks/teacher_overhead.py [--quick] [--write-docs]
+Offline rows (``--offline-top-k k``, 0 disables): the online trainer's teacher stores the top-k
+targets of the samples a second trainer will read (the tool's pass, timed), and that trainer,
+built with ``--kd-targets`` and no teacher, is timed the same way (KD on stored targets / plain).
+
+    python benchmarks/teacher_overhead.py [--quick] [--offline-top-k 64] [--write-docs]
 """
 
 from __future__ import annotations
@@ -207,7 +211,8 @@ def _loss_seconds(trainer: Any, reps: int) -> tuple[float, float]:
     def kd() -> None:
         student_bsv = student_sbv.transpose(0, 1).contiguous()
         kd_cross_entropy(
-            student_bsv, teacher_sbv.transpose(0, 1), labels_sb.t(), KD_WEIGHT, TEMP, group
+            student_bsv, teacher_sbv.transpose(0, 1), labels_sb.t(), KD_WEIGHT, TEMP, group,
+            teacher_scratch=True,
         ).sum().backward()
         student_sbv.grad = None
 
@@ -254,17 +259,7 @@ def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) 
     ])  # fmt: skip
     cfg.validate_world(dist.get_world_size())
     trainer = Trainer(cfg, (RandomTokens(opts["vocab"], opts["seq"]), None), opts["vocab"])
-    steps, rounds = opts["steps"], opts["rounds"]
-    for kd in (True, True, False):  # warm-up: 2 KD steps, 1 plain step
-        _block(trainer, 1, kd)
-    kd_t, plain_t, teach_t, ratios = [], [], [], []
-    for _ in range(rounds):
-        k, t = _block(trainer, steps, True)
-        p, _ = _block(trainer, steps, False)
-        kd_t.append(k)
-        plain_t.append(p)
-        teach_t.append(t)
-        ratios.append(k / p)
+    kd_t, plain_t, teach_t, ratios = _time_blocks(trainer, opts["steps"], opts["rounds"])
     loss_kd, loss_ce = _loss_seconds(trainer, opts["reps"])
     exchange = _exchange_seconds(trainer, opts["reps"])
     n_micro = trainer.num_microbatches
@@ -281,9 +276,81 @@ def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) 
         "head_s": head_share(student.model(opts["vocab"]), opts["seq"], padded),
         "head_t": head_share(shape.model(opts["vocab"]), opts["seq"], padded),
     }  # fmt: skip
+    targets = os.path.join(root, "targets")
+    if opts["offline_top_k"]:
+        row["pass_s"], row["pass_steps"] = _store_targets(trainer, targets, opts)
     trainer.close()
     mpu.destroy_model_parallel()
+    if opts["offline_top_k"]:
+        row.update(_offline_case(opts, targets, row["pass_steps"], student, tp))
+        mpu.destroy_model_parallel()
     return row
+
+
+def _time_blocks(trainer: Any, steps: int, rounds: int) -> tuple[list[float], ...]:
+    """Warm up, then ``rounds`` blocks of ``steps`` KD steps and ``steps`` plain steps:
+    (KD s/step, plain s/step, teacher s/step, KD/plain) per round."""
+    for kd in (True, True, False):  # warm-up: 2 KD steps, 1 plain step
+        _block(trainer, 1, kd)
+    kd_t, plain_t, teach_t, ratios = [], [], [], []
+    for _ in range(rounds):
+        k, t = _block(trainer, steps, True)
+        p, _ = _block(trainer, steps, False)
+        kd_t.append(k)
+        plain_t.append(p)
+        teach_t.append(t)
+        ratios.append(k / p)
+    return kd_t, plain_t, teach_t, ratios
+
+
+def _store_targets(trainer: Any, root: str, opts: dict[str, Any]) -> tuple[float, int]:
+    """The one-off teacher pass of ``tools/save_teacher_targets.py`` over the samples an
+    offline trainer of this layout reads (the online trainer's teacher, its student layout).
+    Returns (seconds of the pass, optimizer steps it covers)."""
+    import torch.distributed as dist
+
+    from salt_megatron.data.teacher_targets import TargetSpec, write_spec
+    from salt_megatron.distill.targets import save_targets
+
+    lay, dataset = trainer.layout, trainer.train_ds
+    n_steps = 3 + 2 * opts["steps"] * opts["rounds"]
+    spec = TargetSpec(
+        teacher="benchmark", tokenizer_fingerprint="", dataset_fingerprint="",
+        dataset_length=len(dataset), num_samples=n_steps * opts["gbs"], seq_length=opts["seq"],
+        vocab_size=opts["vocab"], temperature=TEMP, top_k=opts["offline_top_k"], top_p=None,
+        samples_per_shard=opts["gbs"],
+    )  # fmt: skip
+    if dist.get_rank() == 0:
+        write_spec(root, spec)
+    dist.barrier()
+    start = time.perf_counter()
+    save_targets(trainer.kd.step_fn.teacher, dataset, root, spec, opts["mbs"], lay.dp_rank,
+                 lay.dp, lay.tp_group, lay.tp_rank == 0)  # fmt: skip
+    return time.perf_counter() - start, n_steps
+
+
+def _offline_case(
+    opts: dict[str, Any], targets: str, n_steps: int, student: Shape, tp: int
+) -> dict[str, float]:
+    """KD steps on the stored targets (no teacher) against plain steps of the same trainer."""
+    import torch.distributed as dist
+
+    from salt_megatron.config import parse_config
+    from salt_megatron.data.teacher_targets import TargetStore
+    from salt_megatron.training.trainer import Trainer
+
+    cfg = parse_config([
+        *_common_flags(opts), *student.flags(), "--kd-targets", targets,
+        "--kd-steps", str(n_steps), "--kd-schedule", "step", "--kd-weight", str(KD_WEIGHT),
+        "--kd-temperature", str(TEMP), "--tensor-model-parallel-size", str(tp),
+    ])  # fmt: skip
+    cfg.validate_world(dist.get_world_size())
+    data = (RandomTokens(opts["vocab"], opts["seq"]), None)
+    trainer = Trainer(cfg, data, opts["vocab"], kd_targets=TargetStore(targets))
+    kd_t, plain_t, _, ratios = _time_blocks(trainer, opts["steps"], opts["rounds"])
+    trainer.close()
+    return {"off_plain": min(plain_t), "off_kd": min(kd_t),
+            "off_paired": statistics.median(ratios)}  # fmt: skip
 
 
 def bench_worker(opts: dict[str, Any], tmp: str, tp: int, ttp: int) -> list[dict]:
@@ -321,6 +388,23 @@ def _table(rows: list[dict]) -> str:
             f"| {r['ratio'] / r['ideal']:.2f} | {r['teacher_s'] / r['kd']:.0%} "
             f"| {fwd * ms:.0f} / {r['exchange'] * ms:.0f} / {r['loss_excess'] * ms:.0f} "
             f"/ {rest * ms:.0f} | {r['head_s']:.0%} / {r['head_t']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def _offline_table(rows: list[dict], top_k: int) -> str:
+    lines = [
+        f"| world | TP | teacher TP | student | teacher | plain ms | offline KD ms (k={top_k}) "
+        "| offline/plain (paired median) | online KD / plain | one-off teacher pass ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = 1000.0
+        lines.append(
+            f"| {r['world']} | {r['tp']} | {r['ttp']} | {r['student']} | {r['teacher']} "
+            f"| {r['off_plain'] * ms:.0f} | {r['off_kd'] * ms:.0f} "
+            f"| {r['off_kd'] / r['off_plain']:.2f} ({r['off_paired']:.2f}) | {r['ratio']:.2f} "
+            f"| {r['pass_s'] / r['pass_steps'] * ms:.0f} |"
         )
     return "\n".join(lines)
 
@@ -364,6 +448,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
     parser.add_argument("--rounds", type=int, default=3, help="KD/plain block pairs")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the micro-timings")
+    parser.add_argument("--offline-top-k", type=int, default=64,
+                        help="k of the stored-target rows (0: no offline rows)")  # fmt: skip
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--quick", action="store_true", help="one teacher, 2 layouts, short")
     parser.add_argument("--write-docs", action="store_true")
@@ -381,12 +467,25 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     opts = {k: v for k, v in vars(args).items() if k not in ("layouts", "quick", "write_docs")}
     rows: list[dict] = []
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="teacher_overhead_") as tmp:
         for text in args.layouts:
             world, tp, ttp = (int(x) for x in text.split(":"))
             rows += run_distributed(bench_worker, world, opts, tmp, tp, ttp)[0]
             print(_table(rows[-len(args.teachers) :]), flush=True)
+            if args.offline_top_k:
+                print(_offline_table(rows[-len(args.teachers) :], args.offline_top_k), flush=True)
+    offline = (
+        "\n\nOffline rows (`--kd-targets`): the online trainer's teacher stores its top-"
+        f"{args.offline_top_k} targets of the samples a second trainer reads "
+        "(`salt_megatron.distill.targets.save_targets`, the tool's pass, timed: one-off ms per "
+        "optimizer step of samples), then that trainer, without a teacher, is timed like the "
+        "online one (its plain blocks read the same batches, targets unused).\n\n"
+        + _offline_table(rows, args.offline_top_k)
+        if args.offline_top_k
+        else ""
+    )
     text = (
         f"Machine: {machine()}; torch {torch.__version__}; vocab {args.vocab} (padded as shown "
         f"by megatron), seq {args.seq}, micro-batch {args.mbs}, global batch {args.gbs} "
@@ -395,8 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} plain steps of one trainer: ms/step = fastest block, measured = their "
         f"ratio (median of the paired KD/plain block ratios in brackets); micro-timings: min of "
         f"{args.reps}; {time.perf_counter() - start:.0f} s.\n"
-        f"`python benchmarks/teacher_overhead.py {' '.join(argv or sys.argv[1:])}`\n\n"
-        + _table(rows)
+        f"`python benchmarks/teacher_overhead.py {' '.join(argv or sys.argv[1:])}`; load "
+        f"average before the run {load:.1f}\n\n" + _table(rows) + offline
     )
     print("\n" + text)
     if args.write_docs:
