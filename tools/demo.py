@@ -4,11 +4,15 @@
 2. a small teacher, trained and saved by our own trainer;
 3. a baseline student and a SALT student (KD from the teacher for the first ``kd_steps``), same
    steps and data order, student TP=2 with a TP=1 teacher;
-4. a table: final validation loss of each, the step at which SALT first reaches the baseline's
-   final validation loss, wall-clock (the teacher's share included) and the implied saving; a PNG
-   of validation loss against step and wall-clock; TensorBoard logs under ``runs/demo``.
+4. SALT on stored targets: the same teacher's top-64 / top-p 0.95 targets of the KD phase's
+   samples, stored once by ``tools/save_teacher_targets.py`` (timed as a one-off cost), then a
+   third student trained on them with no teacher (``--kd-targets``);
+5. a table: final validation loss of each, the step at which each SALT student first reaches the
+   baseline's final validation loss and the training wall-clock to get there, without and with
+   the one-off costs (teacher training, the targets pass); a PNG of validation loss against
+   step and wall-clock; TensorBoard logs under ``runs/demo``.
 
-    python tools/demo.py            # 15-17 minutes on 2 cores
+    python tools/demo.py            # about 20 minutes on 2 idle cores
     python tools/demo.py --quick    # a couple of minutes (the integration test)
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -38,6 +43,7 @@ QUICK = {
     "student": ["--train-iters", "40", "--kd-steps", "16", "--eval-interval", "8",
                 "--num-layers", "2", "--hidden-size", "128", "--log-interval", "4"],
 }  # fmt: skip
+TARGETS = ["--top-k", "64", "--top-p", "0.95"]
 
 
 @dataclass
@@ -65,11 +71,11 @@ class Curve:
         return None
 
 
-def torchrun(args: list[str], nproc: int, log: Path) -> float:
-    """Run pretrain_salt.py under torchrun, tee its output to ``log``; return wall seconds."""
+def torchrun(args: list[str], nproc: int, log: Path, script: str = "pretrain_salt.py") -> float:
+    """Run ``script`` under torchrun, tee its output to ``log``; return wall seconds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-           str(ROOT / "pretrain_salt.py"), *args]  # fmt: skip
+           str(ROOT / script), *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
     with log.open("w") as out:
@@ -78,7 +84,7 @@ def torchrun(args: list[str], nproc: int, log: Path) -> float:
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
-            if line.startswith("[") or "error" in line.lower():
+            if line.startswith(("[", "teacher targets: ")) or "error" in line.lower():
                 print("   ", line.rstrip(), flush=True)
     if proc.wait() != 0:
         raise SystemExit(f"demo: {' '.join(args[:2])} failed (exit {proc.returncode}); see {log}")
@@ -97,33 +103,67 @@ def train(name: str, config: str, extra: list[str], out: Path, data: list[str]) 
     return Curve.read(run_dir / "metrics.jsonl", wall)
 
 
-def report(base: Curve, salt: Curve, teacher: Curve, out: Path) -> str:
+@dataclass
+class TargetsPass:
+    """The one-off teacher pass of tools/save_teacher_targets.py."""
+
+    seconds: float  # the pass itself (teacher forwards, top-k, writes), as the tool reports it
+    wall_s: float  # the whole command, start-up and dataset index included
+    ids_per_token: float
+    bytes_per_token: float
+
+    @classmethod
+    def read(cls, log: Path, wall_s: float) -> TargetsPass:
+        text = log.read_text()
+        found = re.search(r"([\d.]+) ids per token .*?([\d.]+) bytes per token; this pass "
+                          r"([\d.]+) s", text)  # fmt: skip
+        if found is None:
+            raise SystemExit(f"demo: no summary line in {log}")
+        ids, size, seconds = (float(x) for x in found.groups())
+        return cls(seconds, wall_s, ids, size)
+
+
+def report(
+    base: Curve, variants: dict[str, tuple[Curve, float]], teacher: Curve, tpass: TargetsPass,
+    out: Path,
+) -> str:
+    """The results table; ``variants`` maps a SALT run's name to (curve, one-off seconds)."""
     target = base.losses[-1]
-    hit = salt.first_step_reaching(target)
-    rows = ["| run | final val loss | train wall-clock (s) |", "|---|---|---|"]
-    for name, curve in (
-        ("teacher (trained once, reusable)", teacher),
-        ("baseline student", base),
-        ("SALT student (teacher forward included)", salt),
-    ):
-        rows.append(f"| {name} | {curve.losses[-1]:.4f} | {curve.seconds[-1]:.1f} |")
-    if hit is None:
-        rows.append(f"\nSALT did not reach the baseline's final validation loss {target:.4f}.")
-    else:
-        step, sec = hit
-        saving = 1.0 - sec / base.seconds[-1]
-        rows.append(
-            f"\nSALT first reached the baseline's final validation loss {target:.4f} at step "
-            f"{step} of {base.steps[-1]} ({step / base.steps[-1]:.0%} of the steps), after "
-            f"{sec:.1f} s of training against the baseline's {base.seconds[-1]:.1f} s: "
-            f"a wall-clock saving of {saving:.0%} (teacher training not counted)."
-        )
-    table = "\n".join(rows)
+    rows = [
+        "| run | final val loss | train wall-clock (s) | step reaching the baseline's final "
+        "loss | wall-clock to it (s) | with one-off teacher costs (s) |",
+        "|---|---|---|---|---|---|",
+        f"| teacher (trained once, reusable) | {teacher.losses[-1]:.4f} | "
+        f"{teacher.seconds[-1]:.1f} | | | |",
+        f"| teacher targets pass (once, reusable; {tpass.wall_s:.0f} s with start-up) | | "
+        f"{tpass.seconds:.1f} | | | |",
+        f"| baseline student | {target:.4f} | {base.seconds[-1]:.1f} | {base.steps[-1]} | "
+        f"{base.seconds[-1]:.1f} | {base.seconds[-1]:.1f} |",
+    ]
+    notes = []
+    for name, (curve, one_off) in variants.items():
+        hit = curve.first_step_reaching(target)
+        reach = ("not reached", "", "") if hit is None else (
+            str(hit[0]), f"{hit[1]:.1f}", f"{hit[1] + one_off:.1f}")  # fmt: skip
+        rows.append(f"| {name} | {curve.losses[-1]:.4f} | {curve.seconds[-1]:.1f} | "
+                    f"{' | '.join(reach)} |")  # fmt: skip
+        if hit is not None:
+            notes.append(
+                f"{name}: step {hit[0]} of {base.steps[-1]} ({hit[0] / base.steps[-1]:.0%} of "
+                f"the steps), {1.0 - hit[1] / base.seconds[-1]:.0%} less training wall-clock "
+                f"than the baseline ({1.0 - (hit[1] + one_off) / base.seconds[-1]:.0%} with the "
+                "one-off teacher costs)."
+            )
+    notes.append(
+        f"Stored targets: {tpass.ids_per_token:.2f} ids per token kept (k=64, p=0.95), "
+        f"{tpass.bytes_per_token:.1f} bytes per token on disk."
+    )
+    table = "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
     (out / "results.md").write_text(table + "\n")
     return table
 
 
-def plot(base: Curve, salt: Curve, path: Path) -> None:
+def plot(curves: dict[str, Curve], path: Path) -> None:
     try:
         import matplotlib
 
@@ -133,7 +173,7 @@ def plot(base: Curve, salt: Curve, path: Path) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for curve, label in ((base, "baseline"), (salt, "SALT")):
+    for label, curve in curves.items():
         axes[0].plot(curve.steps, curve.losses, marker="o", ms=3, label=label)
         axes[1].plot(curve.seconds, curve.losses, marker="o", ms=3, label=label)
     axes[0].set_xlabel("step")
@@ -144,6 +184,18 @@ def plot(base: Curve, salt: Curve, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def store_targets(teacher_dir: Path, salt_args: list[str], out: Path, data: list[str]) -> TargetsPass:
+    """The one-off pass: the teacher's targets of the KD phase's samples, stored under ``out``."""
+    targets = out / "targets"
+    shutil.rmtree(targets, ignore_errors=True)
+    args = ["--out", str(targets), *TARGETS, "--config", str(ROOT / "examples/configs/"
+            "demo_student.yaml"), *data, *salt_args, "--kd-teacher-load", str(teacher_dir)]  # fmt: skip
+    print("== teacher targets (tools/save_teacher_targets.py)", flush=True)
+    log = out / "targets.log"
+    wall = torchrun(args, 2, log, script="tools/save_teacher_targets.py")
+    return TargetsPass.read(log, wall)
 
 
 def main() -> None:
@@ -167,10 +219,18 @@ def main() -> None:
         "teacher", "demo_teacher.yaml", [*quick_t, "--save", str(teacher_dir)], out, data
     )
     base = train("baseline", "demo_student.yaml", [*quick_s, "--kd-steps", "0"], out, data)
-    salt_extra = [*quick_s, "--kd-teacher-load", str(teacher_dir), *shlex.split(args.salt_args)]
-    salt = train("salt", "demo_student.yaml", salt_extra, out, data)
-    table = report(base, salt, teacher, out)
-    plot(base, salt, out / "val_loss.png")
+    salt_args = [*quick_s, *shlex.split(args.salt_args)]
+    salt = train("salt", "demo_student.yaml", [*salt_args, "--kd-teacher-load", str(teacher_dir)],
+                 out, data)  # fmt: skip
+    tpass = store_targets(teacher_dir, salt_args, out, data)
+    offline = train("salt_offline", "demo_student.yaml",
+                    [*salt_args, "--kd-targets", str(out / "targets")], out, data)  # fmt: skip
+    one_off = teacher.seconds[-1]
+    variants = {"SALT, online teacher (forward in every KD step)": (salt, one_off),
+                "SALT, stored targets (no teacher in training)": (offline, one_off + tpass.seconds)}
+    table = report(base, variants, teacher, tpass, out)
+    plot({"baseline": base, "SALT (online)": salt, "SALT (stored targets)": offline},
+         out / "val_loss.png")  # fmt: skip
     print("\n" + table)
     print(f"\nplot: {out / 'val_loss.png'} | TensorBoard: tensorboard --logdir {out}")
 

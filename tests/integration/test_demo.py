@@ -1,7 +1,9 @@
-"""The README's main job, quick variant: teacher -> baseline and SALT students (TP=2, teacher TP=1).
+"""The README's main job, quick variant: teacher -> baseline and SALT students (TP=2, teacher TP=1),
+then the teacher's stored targets and a SALT student trained on them.
 
 Checks the SALT run went through the KD phase and the switch with finite losses, released the
-teacher, and wrote the KD scalars to TensorBoard; and that the report compares the two students.
+teacher, and wrote the KD scalars to TensorBoard; that the offline student trained on stored
+targets without a teacher; and that the report compares the three students.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def test_demo_quick(tmp_path: Path) -> None:
                 "train/top1_agree", "train/teacher_time_share", "kd/teacher_freed_mib",
                 "valid/loss"):  # fmt: skip
         assert tag in tags, f"{tag} missing from TensorBoard ({sorted(tags)})"
+    offline = (run / "salt_offline/log.txt").read_text()
+    assert "stored teacher targets" in offline and "no teacher model" in offline
     report = (run / "results.md").read_text()
-    assert "baseline student" in report and "SALT student" in report
+    assert "baseline student" in report and "SALT, online teacher" in report
+    assert "SALT, stored targets" in report and "ids per token kept" in report
     assert (run / "val_loss.png").stat().st_size > 0
