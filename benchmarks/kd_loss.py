@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -148,15 +149,12 @@ def _methods(s_nv, t_nv, y_n, group, start: int, vocab: int, sparse_k: list[int]
     def fresh_teacher() -> None:
         scratch[0].copy_(t_nv)
 
+    def dense() -> torch.Tensor:
+        return kd_cross_entropy(s_nv, scratch[0], y_n, W, TEMP, group, teacher_scratch=True)
+
     methods = [
         Method("CE (megatron)", run(lambda: vocab_parallel_cross_entropy(s_nv, y_n)), shard),
-        Method(
-            "dense KD (ours)",
-            run(lambda: kd_cross_entropy(s_nv, scratch[0], y_n, W, TEMP, group,
-                                         teacher_scratch=True)),
-            2 * shard,
-            fresh_teacher,
-        ),  # fmt: skip
+        Method("dense KD (ours)", run(dense), 2 * shard, fresh_teacher),
         Method("naive KL+CE", run(lambda: naive_kd_loss(s_nv, t_nv, y_n, group, start)), 2 * shard),
     ]
     for k in sparse_k:
@@ -164,14 +162,15 @@ def _methods(s_nv, t_nv, y_n, group, start: int, vocab: int, sparse_k: list[int]
         size = sum(x.numel() * x.element_size() for x in targets)
 
         def sparse(targets: tuple[torch.Tensor, ...] = targets) -> torch.Tensor:
-            return sparse_kd_cross_entropy(s_nv, *targets, y_n, W, TEMP, group)
+            ids_nk, logq_nk, resid_n = targets
+            return sparse_kd_cross_entropy(s_nv, ids_nk, logq_nk, resid_n, y_n, W, TEMP, group)
 
         methods.append(Method(f"sparse KD k={k} (ours)", run(sparse), shard + size))
     return methods
 
 
 def _measure(methods: list[Method], reps: int, group) -> list[dict]:
-    out = [{"name": m.name, "inputs": m.inputs, "times": []} for m in methods]
+    out: list[dict[str, Any]] = [{"name": m.name, "inputs": m.inputs, "times": []} for m in methods]
     for m, res in zip(methods, out):
         m.prepare()
         m.run()  # warm-up

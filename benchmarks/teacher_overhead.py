@@ -211,7 +211,12 @@ def _loss_seconds(trainer: Any, reps: int) -> tuple[float, float]:
     def kd() -> None:
         student_bsv = student_sbv.transpose(0, 1).contiguous()
         kd_cross_entropy(
-            student_bsv, teacher_sbv.transpose(0, 1), labels_sb.t(), KD_WEIGHT, TEMP, group,
+            student_bsv,
+            teacher_sbv.transpose(0, 1),
+            labels_sb.t(),
+            KD_WEIGHT,
+            TEMP,
+            group,
             teacher_scratch=True,
         ).sum().backward()
         student_sbv.grad = None
@@ -264,7 +269,7 @@ def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) 
     exchange = _exchange_seconds(trainer, opts["reps"])
     n_micro = trainer.num_microbatches
     padded = trainer.padded_vocab
-    row = {
+    row: dict[str, Any] = {
         "world": dist.get_world_size(), "tp": tp, "ttp": ttp, "student": str(student),
         "teacher": str(shape), "n_micro": n_micro, "padded_vocab": padded,
         "plain": min(plain_t), "kd": min(kd_t), "ratio": min(kd_t) / min(plain_t),

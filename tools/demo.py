@@ -124,7 +124,10 @@ class TargetsPass:
 
 
 def report(
-    base: Curve, variants: dict[str, tuple[Curve, float]], teacher: Curve, tpass: TargetsPass,
+    base: Curve,
+    variants: dict[str, tuple[Curve, float]],
+    teacher: Curve,
+    tpass: TargetsPass,
     out: Path,
 ) -> str:
     """The results table; ``variants`` maps a SALT run's name to (curve, one-off seconds)."""
@@ -186,12 +189,15 @@ def plot(curves: dict[str, Curve], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def store_targets(teacher_dir: Path, salt_args: list[str], out: Path, data: list[str]) -> TargetsPass:
+def store_targets(
+    teacher_dir: Path, salt_args: list[str], out: Path, data: list[str]
+) -> TargetsPass:
     """The one-off pass: the teacher's targets of the KD phase's samples, stored under ``out``."""
     targets = out / "targets"
     shutil.rmtree(targets, ignore_errors=True)
-    args = ["--out", str(targets), *TARGETS, "--config", str(ROOT / "examples/configs/"
-            "demo_student.yaml"), *data, *salt_args, "--kd-teacher-load", str(teacher_dir)]  # fmt: skip
+    config = str(ROOT / "examples/configs/demo_student.yaml")
+    args = ["--out", str(targets), *TARGETS, "--config", config, *data, *salt_args,
+            "--kd-teacher-load", str(teacher_dir)]  # fmt: skip
     print("== teacher targets (tools/save_teacher_targets.py)", flush=True)
     log = out / "targets.log"
     wall = torchrun(args, 2, log, script="tools/save_teacher_targets.py")
@@ -226,8 +232,10 @@ def main() -> None:
     offline = train("salt_offline", "demo_student.yaml",
                     [*salt_args, "--kd-targets", str(out / "targets")], out, data)  # fmt: skip
     one_off = teacher.seconds[-1]
-    variants = {"SALT, online teacher (forward in every KD step)": (salt, one_off),
-                "SALT, stored targets (no teacher in training)": (offline, one_off + tpass.seconds)}
+    variants = {
+        "SALT, online teacher (forward in every KD step)": (salt, one_off),
+        "SALT, stored targets (no teacher in training)": (offline, one_off + tpass.seconds),
+    }
     table = report(base, variants, teacher, tpass, out)
     plot({"baseline": base, "SALT (online)": salt, "SALT (stored targets)": offline},
          out / "val_loss.png")  # fmt: skip

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from salt_megatron.config import ConfigError, parse_config  # noqa: E402
+from salt_megatron.config import ConfigError, parse_config
 
 
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
@@ -34,7 +34,7 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
     parser.add_argument("--out", required=True, help="the store's directory")
     parser.add_argument("--top-k", type=int, default=64, help="ids kept per token at most (64)")
     parser.add_argument("--top-p", type=float, default=None,
-                        help="keep ids until their cumulative probability reaches p (off)")  # fmt: skip
+                        help="keep ids until their mass reaches p (off)")  # fmt: skip
     parser.add_argument("--samples-per-shard", type=int, default=None,
                         help="samples per atomic shard (default: about 1M tokens, or fewer "
                              "so that every data-parallel rank gets shards)")  # fmt: skip

@@ -101,7 +101,7 @@ class KDPhase:
         self._release(step)
         return self.kd_train is not None or self.targets is not None
 
-    def forward_step(self, step: int) -> KDForwardStep | None:
+    def forward_step(self, step: int) -> KDForwardStep | OfflineKDForwardStep | None:
         """The KD forward step with this step's weight, or None outside the KD phase."""
         if self.step_fn is None:
             return None

@@ -166,13 +166,15 @@ def _check_sparse(group, rank: int, tp: int) -> int:
         reference_sparse_kd_loss,
         sparse_kd_cross_entropy,
     )
+    from salt_megatron.loss.sparse_kd import Residual
     from tests.unit.test_sparse_kd import sparse_targets
 
     v_true, width = V - 8, V // tp
     cols = slice(rank * width, (rank + 1) * width)
     n_checks = 0
+    residuals: tuple[Residual, ...] = ("uniform", "drop")
     for dtype, temp, residual in itertools.product(
-        (torch.float32, torch.bfloat16), (1.0, 2.0), ("uniform", "drop")
+        (torch.float32, torch.bfloat16), (1.0, 2.0), residuals
     ):
         s, t, y, mask = _full_inputs(dtype)
         y = y.clamp(max=v_true - 1)

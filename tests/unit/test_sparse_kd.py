@@ -110,8 +110,10 @@ def test_inplace_grad_and_int64_ids_give_the_same_result():
     loss_a.sum().backward()
     leaf = s.clone().requires_grad_()
     buffer = leaf * 1.0
-    loss_b = sparse_kd_cross_entropy(buffer, ids.long(), logp, resid, y, 0.4, 2.0,
-                                     vocab_size=V_TRUE, loss_mask=mask, inplace_grad=True)  # fmt: skip
+    loss_b = sparse_kd_cross_entropy(
+        buffer, ids.long(), logp, resid, y, 0.4, 2.0, vocab_size=V_TRUE, loss_mask=mask,
+        inplace_grad=True,
+    )  # fmt: skip
     assert torch.equal(loss_a, loss_b)
     loss_b.sum().backward()
     assert plain.grad is not None and torch.equal(leaf.grad, plain.grad)

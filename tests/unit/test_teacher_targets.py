@@ -38,7 +38,8 @@ class _Samples:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = torch.randint(0, VOCAB, (SEQ + 1,), generator=torch.Generator().manual_seed(i + self.seed))
+        gen = torch.Generator().manual_seed(i + self.seed)
+        row = torch.randint(0, VOCAB, (SEQ + 1,), generator=gen)
         return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.ones(SEQ),
                 "position_ids": torch.arange(SEQ)}  # fmt: skip
 
@@ -82,7 +83,8 @@ def test_store_round_trip_and_batches(tmp_path: Path) -> None:
         got = wrapped[i]
         ids, logq, resid = written[i]
         assert torch.equal(got["tokens"], data[i]["tokens"])
-        assert got["kd_ids"].dtype == torch.int32 and torch.equal(got["kd_ids"], torch.from_numpy(ids))
+        assert got["kd_ids"].dtype == torch.int32
+        assert torch.equal(got["kd_ids"], torch.from_numpy(ids))
         torch.testing.assert_close(got["kd_logprobs"], torch.from_numpy(logq), rtol=1e-3, atol=1e-3)
         assert torch.equal(got["kd_residual"], torch.from_numpy(resid))
     batch = collate([wrapped[1], wrapped[2]])
@@ -107,7 +109,7 @@ def test_store_refuses_what_does_not_belong_to_the_run(tmp_path: Path) -> None:
     os.rename(shard_dir(str(tmp_path), 1), shard_dir(str(tmp_path), 1) + ".tmp123")
     with pytest.raises(DataError, match="1 of 3 shards are missing"):
         store.check_run("fp", data, 10, SEQ, VOCAB, 2.0)
-    with pytest.raises(DataError, match="sample 5: shard .* is missing"):
+    with pytest.raises(DataError, match=r"sample 5: shard .* is missing"):
         TargetStore(str(tmp_path)).sample(5)
     remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["shard_000000", "shard_000002", "targets.json"]
