@@ -19,14 +19,9 @@ import torch
 
 from salt_megatron.config.schema import DistillConfig
 from salt_megatron.data.batches import Batch
-from salt_megatron.loss import KDStats, sparse_kd_cross_entropy
+from salt_megatron.distill.step import reduce_kd_losses
+from salt_megatron.loss import sparse_kd_cross_entropy
 from salt_megatron.training.step import LossFunc, read_batch, reduce_token_losses, stage_inputs
-
-
-def _reduce(
-    loss_mask_sb: torch.Tensor, stats: KDStats, loss_sb: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    return reduce_token_losses(loss_mask_sb, loss_sb, stats.ce, stats.kd, stats.top1_agree)
 
 
 @dataclass
@@ -68,4 +63,4 @@ class OfflineKDForwardStep:
             loss_mask=loss_mask_sb,
             return_stats=True,
         )
-        return loss_sb, partial(_reduce, loss_mask_sb, stats)
+        return loss_sb, partial(reduce_kd_losses, loss_mask_sb, stats)

@@ -29,9 +29,10 @@ from salt_megatron.loss import KDStats, kd_cross_entropy
 from salt_megatron.training.step import LossFunc, read_batch, reduce_token_losses, stage_inputs
 
 
-def _kd_reduce(
+def reduce_kd_losses(
     loss_mask_sb: torch.Tensor, stats: KDStats, loss_sb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The KD loss function: :func:`reduce_token_losses` with the KD statistics as metrics."""
     return reduce_token_losses(loss_mask_sb, loss_sb, stats.ce, stats.kd, stats.top1_agree)
 
 
@@ -80,4 +81,4 @@ class KDForwardStep:
             return_stats=True,
             teacher_scratch=True,  # the teacher's logits are this micro-batch's temporary
         )
-        return loss_sb, partial(_kd_reduce, loss_mask_sb, stats)
+        return loss_sb, partial(reduce_kd_losses, loss_mask_sb, stats)

@@ -87,17 +87,74 @@ def group_rank_world(tp_group: Any) -> tuple[int, int]:
     return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
 
 
+def check_call(
+    student_logits: torch.Tensor,
+    kd_weight: float,
+    temperature: float,
+    inplace_grad: bool,
+    return_stats: bool,
+    tp_group: Any,
+) -> tuple[int, int]:
+    """The argument checks both losses share; returns ``(rank, size)`` of ``tp_group``."""
+    if not 0.0 <= kd_weight <= 1.0 or temperature <= 0.0:
+        raise ValueError(
+            f"need 0 <= kd_weight <= 1 and temperature > 0, got {kd_weight}, {temperature}"
+        )
+    if inplace_grad and not student_logits.is_contiguous():
+        raise ValueError("inplace_grad=True needs contiguous student logits")
+    rank, world = group_rank_world(tp_group)
+    if return_stats and world > MAX_STATS_RANKS:
+        raise ValueError(f"return_stats supports TP groups of at most {MAX_STATS_RANKS} ranks")
+    return rank, world
+
+
+def with_leading_shape(
+    outs: tuple[torch.Tensor, ...], leading: torch.Size, return_stats: bool
+) -> torch.Tensor | tuple[torch.Tensor, KDStats]:
+    """The losses' return value from the autograd function's flat ``[N]`` outputs."""
+    loss = outs[0].view(leading)
+    if not return_stats:
+        return loss
+    return loss, KDStats(*(x.view(leading) for x in outs[1:]))
+
+
 def chunk_elems(device: torch.device) -> int:
     """Elements per row chunk of the PyTorch sweeps on ``device``."""
     return GPU_CHUNK_ELEMS if device.type == "cuda" else CPU_CHUNK_ELEMS
 
 
 class GradInForward(torch.autograd.Function):
-    """Base of the losses whose forward saves the gradient for a unit upstream gradient.
+    """Base of the losses whose forward writes the gradient for a unit upstream gradient.
 
-    The forward must ``ctx.save_for_backward(grad_nv)`` and set ``ctx.chunk_elems`` and
-    ``ctx.n_inputs`` (its number of inputs). The backward scales the rows in place, once.
+    The forward ends with :meth:`finish`, which saves that gradient; the backward scales its
+    rows by the upstream gradient in place, once.
     """
+
+    @staticmethod
+    def finish(
+        ctx: Any,
+        tok: TokenWeights,
+        grad_nv: torch.Tensor,
+        kd_n: torch.Tensor,
+        ce_n: torch.Tensor,
+        agree_n: torch.Tensor | None,
+        kd_weight: float,
+        kd_scale: float,
+        chunk_elems: int,
+        n_inputs: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """The forward's outputs: the per-token loss from the raw KD and CE terms (``ce_n``
+        unmasked; ignored labels are zeroed here), and the masked :class:`KDStats` fields when
+        ``agree_n`` is given. ``n_inputs``: the number of the forward's inputs."""
+        ce_n = torch.where(tok.valid, ce_n, 0.0)
+        loss_n = (1.0 - kd_weight) * ce_n * tok.keep + (kd_weight * kd_scale) * kd_n * tok.kd_keep
+        ctx.save_for_backward(grad_nv)
+        ctx.chunk_elems, ctx.n_inputs = chunk_elems, n_inputs
+        if agree_n is None:
+            return (loss_n,)
+        stats = (kd_n * tok.kd_keep, ce_n * tok.kd_keep, agree_n * tok.kd_keep)
+        ctx.mark_non_differentiable(*stats)
+        return (loss_n, *stats)
 
     @staticmethod
     def backward(ctx: Any, grad_loss_n: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]

@@ -55,12 +55,12 @@ import torch.distributed as dist
 
 from salt_megatron.loss import torch_kd
 from salt_megatron.loss.common import (
-    MAX_STATS_RANKS,
     GradInForward,
     KDStats,
+    check_call,
     chunk_elems,
-    group_rank_world,
     token_weights,
+    with_leading_shape,
 )
 
 
@@ -223,16 +223,10 @@ class _KDCrossEntropy(GradInForward):
         )
         zs_n, zt_n, ats_n, sy_n, z1_n = sum_kn
         kd_n = torch.log(zs_n) - ats_n / zt_n
-        ce_n = torch.where(tok.valid, torch.log(z1_n) + max_2n[0] - sy_n, 0.0)
-        loss_n = (1.0 - w) * ce_n * tok.keep + (w * c) * kd_n * tok.kd_keep
-        ctx.save_for_backward(grad_nv)
-        ctx.chunk_elems, ctx.n_inputs = cfg.chunk_elems, 5
-        if not cfg.need_stats:
-            return (loss_n,)
-        assert agree_n is not None
-        stats = (kd_n * tok.kd_keep, ce_n * tok.kd_keep, agree_n * tok.kd_keep)
-        ctx.mark_non_differentiable(*stats)
-        return (loss_n, *stats)
+        ce_n = torch.log(z1_n) + max_2n[0] - sy_n
+        return GradInForward.finish(
+            ctx, tok, grad_nv, kd_n, ce_n, agree_n, w, c, cfg.chunk_elems, n_inputs=5
+        )
 
 
 def _check_inputs(
@@ -342,17 +336,10 @@ def kd_cross_entropy(
         Non-contiguous logits are copied to contiguous memory first.
     """
     _check_inputs(student_logits, teacher_logits, labels, loss_mask)
-    if not 0.0 <= kd_weight <= 1.0 or temperature <= 0.0:
-        raise ValueError(
-            f"need 0 <= kd_weight <= 1 and temperature > 0, got {kd_weight}, {temperature}"
-        )
-    if inplace_grad and not student_logits.is_contiguous():
-        raise ValueError("inplace_grad=True needs contiguous student logits")
-    rank, world = group_rank_world(tp_group)
-    if return_stats and world > MAX_STATS_RANKS:
-        raise ValueError(f"return_stats supports TP groups of at most {MAX_STATS_RANKS} ranks")
+    rank, world = check_call(
+        student_logits, kd_weight, temperature, inplace_grad, return_stats, tp_group
+    )
     width = student_logits.shape[-1]
-    leading = labels.shape
     cfg = _Config(
         kd_weight=float(kd_weight),
         temperature=float(temperature),
@@ -372,7 +359,4 @@ def kd_cross_entropy(
     t_nv = teacher_logits.detach().contiguous().view(-1, width)
     mask_n = None if loss_mask is None else loss_mask.reshape(-1).float()
     outs = _KDCrossEntropy.apply(s_nv, t_nv, labels.reshape(-1), mask_n, cfg)
-    loss = outs[0].view(leading)
-    if not return_stats:
-        return loss
-    return loss, KDStats(*(x.view(leading) for x in outs[1:]))
+    return with_leading_shape(outs, labels.shape, return_stats)

@@ -40,13 +40,13 @@ import torch
 import torch.distributed as dist
 
 from salt_megatron.loss.common import (
-    MAX_STATS_RANKS,
     GradInForward,
     KDStats,
     TokenWeights,
+    check_call,
     chunk_elems,
-    group_rank_world,
     token_weights,
+    with_leading_shape,
 )
 
 Residual = Literal["uniform", "drop"]
@@ -274,16 +274,10 @@ class _SparseKD(GradInForward):
             ])  # fmt: skip
             _rescale(grad_nv, coef_3n, scatter, cfg, n_true)
         kd_n = tgt.total_n * torch.log(zs_n) - (a_n + tgt.u_n * rest_n) / temp
-        ce_n = torch.where(tok.valid, torch.log(z1_n) + big_n - sy_n, 0.0)
-        loss_n = (1.0 - w) * ce_n * tok.keep + (w * c) * kd_n * tok.kd_keep
-        ctx.save_for_backward(grad_nv)
-        ctx.chunk_elems, ctx.n_inputs = cfg.chunk_elems, 7
-        if not cfg.need_stats:
-            return (loss_n,)
-        assert agree_n is not None
-        stats = (kd_n * tok.kd_keep, ce_n * tok.kd_keep, agree_n * tok.kd_keep)
-        ctx.mark_non_differentiable(*stats)
-        return (loss_n, *stats)
+        ce_n = torch.log(z1_n) + big_n - sy_n
+        return GradInForward.finish(
+            ctx, tok, grad_nv, kd_n, ce_n, agree_n, w, c, cfg.chunk_elems, n_inputs=7
+        )
 
 
 def _grad_hook(
@@ -431,16 +425,11 @@ def sparse_kd_cross_entropy(
         two all-reduces on ``tp_group`` (none without TP); backward: none.
     """
     _check_inputs(student_logits, target_ids, target_logprobs, target_residual, labels, loss_mask)
-    if not 0.0 <= kd_weight <= 1.0 or temperature <= 0.0 or residual not in ("uniform", "drop"):
-        raise ValueError(
-            f"need 0 <= kd_weight <= 1, temperature > 0 and residual 'uniform' or 'drop', got "
-            f"{kd_weight}, {temperature}, {residual!r}"
-        )
-    if inplace_grad and not student_logits.is_contiguous():
-        raise ValueError("inplace_grad=True needs contiguous student logits")
-    rank, world = group_rank_world(tp_group)
-    if return_stats and world > MAX_STATS_RANKS:
-        raise ValueError(f"return_stats supports TP groups of at most {MAX_STATS_RANKS} ranks")
+    if residual not in ("uniform", "drop"):
+        raise ValueError(f"residual must be 'uniform' or 'drop', got {residual!r}")
+    rank, world = check_call(
+        student_logits, kd_weight, temperature, inplace_grad, return_stats, tp_group
+    )
     width = student_logits.shape[-1]
     cfg = _Config(
         kd_weight=float(kd_weight),
@@ -467,8 +456,4 @@ def sparse_kd_cross_entropy(
         None if loss_mask is None else loss_mask.reshape(-1).float(),
         cfg,
     )
-    leading = labels.shape
-    loss = outs[0].view(leading)
-    if not return_stats:
-        return loss
-    return loss, KDStats(*(x.view(leading) for x in outs[1:]))
+    return with_leading_shape(outs, labels.shape, return_stats)

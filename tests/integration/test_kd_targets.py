@@ -16,16 +16,12 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import REPO, _env, launch, read_metrics
+from tests.integration.test_salt_kd import COMMON, TEACHER
+from tests.integration.test_salt_kd import STUDENT as KD_STUDENT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-COMMON = [
-    "--mock-data", "--vocab-size", "256", "--seq-length", "32", "--micro-batch-size", "2",
-    "--global-batch-size", "4", "--log-interval", "1", "--split", "90,5,5", "--lr", "3e-3",
-]  # fmt: skip
-STUDENT = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
-           "--train-iters", "8", "--kd-steps", "6", "--kd-weight", "0.5",
-           "--kd-schedule", "linear", "--kd-temperature", "2", "--kd-t2-scaling"]  # fmt: skip
+STUDENT = [*KD_STUDENT, "--num-layers", "4", "--train-iters", "8"]  # as test_salt_kd's layouts
 
 
 def _ok(proc: Any) -> str:
@@ -49,8 +45,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A teacher checkpoint and its stored targets with every id kept (k = V)."""
     root = tmp_path_factory.mktemp("kd_targets")
     teacher = root / "teacher"
-    _ok(launch([*COMMON, "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
-                "--train-iters", "6", "--save", str(teacher)], nproc=1))  # fmt: skip
+    _ok(launch([*COMMON, *TEACHER, "--save", str(teacher)], nproc=1))
     out = root / "targets"
     args = ["--out", str(out), "--top-k", "256", *COMMON, *STUDENT, "--kd-teacher-load",
             str(teacher)]  # fmt: skip
