@@ -17,6 +17,9 @@ from salt_megatron.loss.torch_kd import scale_rows_
 MAX_STATS_RANKS = 24
 """Largest TP group whose top-1 agreement bits (``2**rank``) are exact in a float32 sum."""
 CPU_CHUNK_ELEMS = 1 << 18
+"""Row-chunk elements per intra-op thread on CPU: each thread's share of a float32 scratch buffer
+stays about 1 MiB (cache-resident), and a chunk has one parallel region per op, so more threads
+mean larger chunks and fewer regions (each ends at a barrier that a busy core makes wait)."""
 GPU_CHUNK_ELEMS = 1 << 26
 
 
@@ -120,7 +123,9 @@ def with_leading_shape(
 
 def chunk_elems(device: torch.device) -> int:
     """Elements per row chunk of the PyTorch sweeps on ``device``."""
-    return GPU_CHUNK_ELEMS if device.type == "cuda" else CPU_CHUNK_ELEMS
+    if device.type == "cuda":
+        return GPU_CHUNK_ELEMS
+    return CPU_CHUNK_ELEMS * max(1, min(torch.get_num_threads(), 8))
 
 
 class GradInForward(torch.autograd.Function):
