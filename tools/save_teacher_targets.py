@@ -89,16 +89,15 @@ def _kd_dataset(cfg: Any, dp: int) -> tuple[Any, Any]:
 
 def _spec(cfg: Any, args: argparse.Namespace, tokenizer: Any, dataset: Any, dp: int) -> Any:
     from salt_megatron.data.teacher_targets import TargetSpec
-    from salt_megatron.teacher.checks import resolve_checkpoint
+    from salt_megatron.training.phase import teacher_record
 
-    ckpt = resolve_checkpoint(cfg.distill.kd_teacher_load)
     num = cfg.distill.kd_steps * cfg.training.global_batch_size
     covered = min(num, len(dataset))
     per_shard = args.samples_per_shard or max(
         1, min((1 << 20) // cfg.data.seq_length, math.ceil(covered / (4 * dp)))
     )
     return TargetSpec(
-        teacher=f"{os.path.abspath(ckpt.path)} (step {ckpt.step})",
+        teacher=str(teacher_record(cfg.distill.kd_teacher_load)),
         tokenizer_fingerprint=tokenizer.fingerprint or "",
         dataset_fingerprint=str(dataset.unique_description_hash),
         dataset_length=len(dataset),

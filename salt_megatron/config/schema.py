@@ -185,7 +185,8 @@ class DistillConfig:
     """A separate blend for the KD phase (SALT_DS selection), Megatron-style 'w1 p1 w2 p2'."""
     kd_targets: str | None = None
     """Directory of stored teacher targets (tools/save_teacher_targets.py): the KD phase trains on
-    them with the sparse loss and builds no teacher (instead of --kd-teacher-load)."""
+    them with the sparse loss and builds no teacher (a --kd-teacher-load given too must be the
+    teacher they were made with)."""
     kd_residual: Literal["uniform", "drop"] = "uniform"
     """With --kd-targets, the teacher's mass outside the stored ids: spread evenly over the other
     ids (uniform) or dropped, renormalising the stored ones (drop)."""
@@ -201,11 +202,6 @@ class DistillConfig:
         _check(
             self.kd_schedule != "linear_ratio" or self.kd_weight < 1.0,
             "--kd-weight must be < 1 with --kd-schedule linear_ratio (w/(1-w) is infinite at 1)",
-        )
-        _check(
-            self.kd_teacher_load is None or self.kd_targets is None,
-            "--kd-teacher-load and --kd-targets exclude each other: the KD phase runs either the "
-            "teacher or its stored targets",
         )
 
     @property

@@ -247,11 +247,16 @@ class TargetStore:
         seq_length: int,
         vocab_size: int,
         temperature: float,
+        teacher: str | None = None,
     ) -> None:
         """Refuse targets that were not made for this run's KD phase (:class:`DataError`): the
-        settings must match and the store must cover the ``num_samples`` samples it reads (each
-        sample's tokens are verified when it is read)."""
+        settings must match (and the teacher, when the run names one: ``"<path> (step N)"``),
+        and the store must cover the ``num_samples`` samples it reads (each sample's tokens are
+        verified when it is read)."""
         spec, where = self.spec, f"--kd-targets {self.root}"
+        if teacher is not None and teacher != spec.teacher:
+            raise DataError(f"{where}: the targets were made with the teacher {spec.teacher}, "
+                            f"--kd-teacher-load names {teacher}")  # fmt: skip
         checks = [
             ("tokenizer fingerprint", spec.tokenizer_fingerprint, tokenizer_fingerprint or ""),
             ("vocabulary size", spec.vocab_size, vocab_size),

@@ -10,6 +10,7 @@ the sparse loss.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import psutil
@@ -22,6 +23,16 @@ from salt_megatron.distill.schedule import in_kd_phase, weight_for
 from salt_megatron.distill.step import KDForwardStep
 from salt_megatron.parallel.state import StudentLayout, preserved_rng
 from salt_megatron.training.logger import MetricsWriter, log
+
+
+def teacher_record(kd_teacher_load: str | None) -> str | None:
+    """How a target store records the teacher of ``--kd-teacher-load``: ``"<path> (step N)"``."""
+    if kd_teacher_load is None:
+        return None
+    from salt_megatron.teacher.checks import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(kd_teacher_load)
+    return f"{os.path.abspath(ckpt.path)} (step {ckpt.step})"
 
 
 def memory_in_use() -> int:
@@ -86,6 +97,7 @@ class KDPhase:
             self.targets.check_run(
                 self.fingerprint, dataset, cfg.distill.kd_steps * cfg.training.global_batch_size,
                 cfg.data.seq_length, self.vocab_size, cfg.distill.kd_temperature,
+                teacher=teacher_record(cfg.distill.kd_teacher_load),
             )  # fmt: skip
             self._targets_data = TargetsDataset(dataset, self.targets)
         return self._targets_data

@@ -81,14 +81,14 @@ def test_stored_targets_replay_the_teacher_at_any_layout(
         assert ref[1][key] == pytest.approx(online[1][key], rel=1e-4, abs=1e-5), key
     for s in range(2, 7):
         assert ref[s]["loss"] == pytest.approx(online[s]["loss"], rel=1e-3), s
-    layouts = {
-        "pp2-vpp2": (["--pipeline-model-parallel-size", "2",
+    layouts = {  # the first names its teacher too: checked against the store, not built
+        "pp2-vpp2": (["--pipeline-model-parallel-size", "2", "--kd-teacher-load", str(teacher),
                       "--virtual-pipeline-model-parallel-size", "2"], 2),
         "tp2-sp": (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2),
     }  # fmt: skip
     for name, (extra, nproc) in layouts.items():
-        got, _ = _train(["--kd-targets", str(targets), *extra], nproc, tmp_path / f"{name}.jsonl")
-        assert sorted(got) == list(range(1, 9)), name
+        got, log = _train(["--kd-targets", str(targets), *extra], nproc, tmp_path / f"{name}.jsonl")
+        assert sorted(got) == list(range(1, 9)) and "teacher: " not in log, name
         for s in range(1, 9):  # tolerance: see test_salt_kd's layout test
             for key in ("loss", "grad_norm") + (("kd_loss", "top1_agree") if s <= 6 else ()):
                 assert got[s][key] == pytest.approx(ref[s][key], rel=1e-4, abs=1e-5), (name, s)

@@ -98,6 +98,8 @@ def test_store_refuses_what_does_not_belong_to_the_run(tmp_path: Path) -> None:
     store = TargetStore(str(tmp_path))
     with pytest.raises(DataError, match="temperature"):
         store.check_run("fp", data, 10, SEQ, VOCAB, 1.0)
+    with pytest.raises(DataError, match=r"made with the teacher t \(step 1\), --kd-teacher-load"):
+        store.check_run("fp", data, 10, SEQ, VOCAB, 2.0, teacher="u (step 1)")
     with pytest.raises(DataError, match="tokenizer fingerprint"):
         store.check_run("other", data, 10, SEQ, VOCAB, 2.0)
     with pytest.raises(DataError, match="cover samples"):
