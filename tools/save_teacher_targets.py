@@ -17,6 +17,7 @@ larger ``--kd-steps`` adds the samples that are missing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -39,7 +40,10 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
                         help="samples per atomic shard (default: about 1M tokens, or fewer "
                              "so that every data-parallel rank gets shards)")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
-    cfg = parse_config([*rest, "--pipeline-model-parallel-size", "1"])
+    cfg = parse_config(rest)  # the student run's config; the pass itself runs the teacher alone
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None
+    ))  # fmt: skip
     world = int(os.environ.get("WORLD_SIZE", "1"))
     t = cfg.parallel.teacher_tensor_model_parallel_size
     if world % t:
@@ -113,8 +117,6 @@ def _spec(cfg: Any, args: argparse.Namespace, tokenizer: Any, dataset: Any, dp: 
 
 def _resume_spec(root: str, spec: Any) -> Any:
     """The spec to write: a store already in ``root`` must hold the same targets (it may grow)."""
-    import dataclasses
-
     from salt_megatron.data.errors import DataError
     from salt_megatron.data.teacher_targets import SPEC_FILE, read_spec
 
