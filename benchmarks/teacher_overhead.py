@@ -281,7 +281,7 @@ def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) 
         "head_s": head_share(student.model(opts["vocab"]), opts["seq"], padded),
         "head_t": head_share(shape.model(opts["vocab"]), opts["seq"], padded),
     }  # fmt: skip
-    targets = os.path.join(root, "targets")
+    targets = os.path.join(root, f"targets_ttp{ttp}")  # a fresh store per case: the pass is timed
     if opts["offline_top_k"]:
         row["pass_s"], row["pass_steps"] = _store_targets(trainer, targets, opts)
     trainer.close()
