@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from salt_megatron.config.schema import ModelConfig  # noqa: E402
-from salt_megatron.training import metrics  # noqa: E402
+from salt_megatron.models import flops as model_flops  # noqa: E402
 
 KD_WEIGHT, TEMP = 0.5, 1.0
 
@@ -78,15 +78,15 @@ def flop_ideal_ratio(
 ) -> float:
     """``1 + F_teacher_fwd / F_student_fwd_bwd`` per token (both with the student's padded vocab,
     which is what the colocated teacher is built with)."""
-    f_teacher = metrics.forward_flops_per_token(teacher, seq_length, padded_vocab)
-    f_student = metrics.train_flops_per_token(student, seq_length, padded_vocab)
+    f_teacher = model_flops.forward_flops_per_token(teacher, seq_length, padded_vocab)
+    f_student = model_flops.train_flops_per_token(student, seq_length, padded_vocab)
     return 1.0 + f_teacher / f_student
 
 
 def head_share(model: ModelConfig, seq_length: int, padded_vocab: int) -> float:
     """Fraction of the forward FLOPs per token spent in the LM head (``2 h V``)."""
     head = 2.0 * model.hidden_size * padded_vocab
-    return head / metrics.forward_flops_per_token(model, seq_length, padded_vocab)
+    return head / model_flops.forward_flops_per_token(model, seq_length, padded_vocab)
 
 
 class RandomTokens:

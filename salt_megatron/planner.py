@@ -24,7 +24,7 @@ Memory of the busiest rank (bytes):
   teacher's TP differs from the student's (the exchange's receive buffer), and the loss kernel's
   float32 chunk temporaries (see ``salt_megatron.loss.kd_cross_entropy``).
 
-FLOPs come from :mod:`salt_megatron.training.metrics`. The KD phase's ideal overhead is
+FLOPs come from :mod:`salt_megatron.models.flops`. The KD phase's ideal overhead is
 ``1 + F_teacher_fwd / F_student_fwd_bwd``; with PP > 1 the teacher's whole forward lands on the last
 stage, so that stage (and the pipeline) slows by ``1 + pp·F_teacher_fwd / F_student_fwd_bwd``.
 """
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from salt_megatron.config import megatron as mcfg
 from salt_megatron.config.schema import ModelConfig, SaltConfig
-from salt_megatron.training import metrics
+from salt_megatron.models import flops as model_flops
 
 GIB = 1024**3
 #: Float32 temporaries of the KD loss per chunk, and the chunk size on a GPU (elements).
@@ -267,11 +267,11 @@ def _totals(memory: dict[str, float]) -> tuple[float, float]:
 
 
 def _flops(cfg: SaltConfig, vocab: int) -> dict[str, float]:
-    s = cfg.data.seq_length
-    flops = {"student fwd+bwd": metrics.train_flops_per_token(cfg.model, s, _padded(cfg, vocab))}
+    s, spad = cfg.data.seq_length, _padded(cfg, vocab)
+    flops = {"student fwd+bwd": model_flops.train_flops_per_token(cfg.model, s, spad)}
     if _teacher_enabled(cfg):
         tpad = _padded(cfg, vocab, teacher=True)
-        flops["teacher fwd"] = metrics.forward_flops_per_token(cfg.teacher, s, tpad)
+        flops["teacher fwd"] = model_flops.forward_flops_per_token(cfg.teacher, s, tpad)
     return flops
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from salt_megatron.checkpoint import files, trainer_state
-from salt_megatron.training.signals import StopConditions
+from salt_megatron.runtime.signals import StopConditions
 
 log = logging.getLogger("salt_megatron")
 

@@ -16,6 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from salt_megatron.config import megatron as mcfg
 from salt_megatron.config.schema import SaltConfig
 from salt_megatron.data.batches import MicroBatchIterator, stage_iterators
+from salt_megatron.models import flops as model_flops
 from salt_megatron.models.fp8 import check_fp8
 from salt_megatron.models.student import build_student_chunks, count_parameters, wrap_ddp
 from salt_megatron.parallel.state import StudentLayout, init_student_parallel, reseed
@@ -102,7 +103,7 @@ class Trainer:
         )
         self.train_iters: list[MicroBatchIterator | None] = []
         self.reset_data_position()
-        self._flops_per_token = metrics.train_flops_per_token(
+        self._flops_per_token = model_flops.train_flops_per_token(
             cfg.model, cfg.data.seq_length, self.padded_vocab
         )
         n_params = count_parameters(self.model)

@@ -10,7 +10,7 @@ import pytest
 from salt_megatron import planner
 from salt_megatron.config import parse_config
 from salt_megatron.config.schema import ModelConfig
-from salt_megatron.training import metrics
+from salt_megatron.models import flops as model_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "examples" / "configs" / "salt_pile_1p5b_2p8b.yaml"
@@ -93,8 +93,8 @@ def test_in_flight_micro_batches() -> None:
 def test_paper_plan_overhead_and_fit() -> None:
     cfg = parse_config(["--config", str(PAPER)])
     result = planner.plan(cfg, 64, 50000, planner.Hardware())
-    s_fwd_bwd = metrics.train_flops_per_token(cfg.model, 2048, 50176)  # padded to 128 x TP 2
-    t_fwd = metrics.forward_flops_per_token(cfg.teacher, 2048, 50048)  # padded to 128 x TP 1
+    s_fwd_bwd = model_flops.train_flops_per_token(cfg.model, 2048, 50176)  # padded to 128 x TP 2
+    t_fwd = model_flops.forward_flops_per_token(cfg.teacher, 2048, 50048)  # padded to 128 x TP 1
     assert result.overhead_ideal == pytest.approx(1 + t_fwd / s_fwd_bwd)
     assert 1.1 < result.overhead_ideal < 1.25
     assert 2.7e9 < result.student_params < 2.9e9 and 1.35e9 < result.teacher_params < 1.5e9
