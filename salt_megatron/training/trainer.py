@@ -18,12 +18,7 @@ from salt_megatron.config.schema import SaltConfig
 from salt_megatron.data.batches import MicroBatchIterator, stage_iterators
 from salt_megatron.models import flops as model_flops
 from salt_megatron.models.fp8 import check_fp8
-from salt_megatron.models.student import (
-    build_student_chunks,
-    count_parameters,
-    gathered_params,
-    wrap_ddp,
-)
+from salt_megatron.models.student import build_student_chunks, count_parameters, wrap_ddp
 from salt_megatron.parallel.state import StudentLayout, init_student_parallel, reseed
 from salt_megatron.training import metrics
 from salt_megatron.training.batch_schedule import BatchSchedule
@@ -246,8 +241,7 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         iterators = self._iterators(dataset, 0)
-        with gathered_params(self.model):
-            totals = self._forward_backward(iterators, iters, True)
+        totals = self._forward_backward(iterators, iters, True)
         for chunk in self.model:
             chunk.train()
         return float(totals[METRICS.index("lm_loss")] / totals[-1].clamp(min=1))
