@@ -26,6 +26,10 @@ its ``dp_reshardable`` load has two more bugs:
    value (0 on a fresh optimizer) over the restored step: silently wrong bias correction after
    every resume. Fix: the wrapped copy of bug 2 never copies ``step``.
 
+Separately, :func:`zero_padding` keeps uninitialised memory out of ``dp_reshardable`` files
+(megatron fills the gaps between parameters in a bucket with ``torch.empty``), so that equal
+states make equal checkpoints.
+
 The non-distributed optimizers (``FP32Optimizer``, ``Float16OptimizerWithFloat16Params``) store a
 common step and restore per-parameter copies themselves; :func:`seed_state` and
 :func:`untie_steps` are harmless for them.
@@ -37,6 +41,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -98,7 +103,24 @@ def sharded_state_dict(
     )
     if is_loading:
         untie_steps(optimizer)  # DistributedOptimizer just reloaded its own state: re-tied
+    else:
+        zero_padding(state)
     return state
+
+
+def zero_padding(state: Any) -> None:
+    """Zero the padding entries of a ``dp_reshardable`` state (megatron allocates them empty)."""
+    if isinstance(state, dict):
+        padding = state.get("padding")
+        if isinstance(padding, LocalNonpersistentObject) and padding.unwrap() is True:
+            for value in state.values():
+                if isinstance(value, ShardedTensor):
+                    value.data.zero_()
+        for value in state.values():
+            zero_padding(value)
+    elif isinstance(state, list | tuple):
+        for value in state:
+            zero_padding(value)
 
 
 def _hide_step_on_copy(dist_opt: DistributedOptimizer) -> None:
