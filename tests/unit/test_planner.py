@@ -115,9 +115,12 @@ def test_fp8_teacher_weights_take_one_byte() -> None:
 def test_warnings_when_it_does_not_fit() -> None:
     cfg = parse_config(["--config", str(PAPER)])
     tight = planner.plan(cfg, 64, 50000, planner.Hardware(gpu_memory_gib=20))
-    assert any("needs full activation recomputation" in w for w in tight.warnings)
+    assert any(
+        w.startswith("does not fit with recompute none") and "--recompute-granularity" in w
+        for w in tight.warnings
+    ), tight.warnings
     small = planner.plan(cfg, 64, 50000, planner.Hardware(gpu_memory_gib=8))
-    assert any(w.startswith("does not fit") for w in small.warnings)
+    assert any("even with full recomputation" in w for w in small.warnings)
 
 
 def test_pipeline_puts_teacher_on_last_stage() -> None:
