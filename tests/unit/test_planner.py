@@ -148,3 +148,26 @@ def test_plan_tool_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert tool.main(["--config", str(PAPER), "--gpu-memory-gib", "8"]) == 1
     assert "WARNING: does not fit" in capsys.readouterr().out
     assert tool.main(["--config", str(PAPER), "--world-size", "63"]) == 2
+
+
+def test_recompute_choices_by_hand() -> None:
+    """4 layers in 2 virtual chunks on a stage, 3 micro-batches in flight (GELU MLP of 4h)."""
+    model = ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, swiglu=False)
+    s, b, h, a = 128, 2, 64, 4
+    sbh, scores, mlp = s * b * h, 5 * a * s * s * b, 2 * s * b * 4 * h * 2
+    parts = planner.activation_parts_per_layer(model, s, b, tp=1, sp=False, flash=False)
+    full = sbh * (34 + 5 * a * s / h)
+    assert sum(parts.values()) == pytest.approx(full)
+    assert (parts["core_attn"], parts["mlp"]) == (scores, mlp)
+    stored, rc = 2 * sbh, planner.Recompute
+
+    def on_stage(choice: planner.Recompute) -> float:
+        return planner.stage_activation_bytes(parts, stored, 4, 2, 3.0, choice)
+
+    assert on_stage(rc()) == pytest.approx(3 * 4 * full)
+    assert on_stage(rc("full", "uniform", 2)) == pytest.approx(3 * 2 * stored + 2 * full)
+    assert on_stage(rc("full", "block", 1)) == pytest.approx(3 * 2 * (stored + full) + full)
+    assert on_stage(rc("selective")) == pytest.approx(3 * 4 * (full - scores) + scores)
+    both = rc("selective", modules=("core_attn", "mlp"))
+    assert on_stage(both) == pytest.approx(3 * 4 * (full - scores - mlp) + scores + mlp)
+    assert rc("full", "block", 1).label == "full (block, 1 layer)"
