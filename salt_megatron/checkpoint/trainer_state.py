@@ -70,7 +70,8 @@ def _use_fork_results_queue() -> None:
         filesystem_async._results_queue = mp.get_context("fork").Queue()
 
 
-def _save_strategy(dp_group: Any) -> Any:
+def _save_strategy(dp_group: Any = None) -> Any:
+    """megatron's torch_dist writer, its work spread over ``dp_group`` (None: every rank)."""
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,
     )
@@ -81,6 +82,7 @@ def _save_strategy(dp_group: Any) -> Any:
 
 
 def _load_strategy(dp_group: Any) -> Any:
+    """megatron's torch_dist reader, each shard read once in ``dp_group`` and exchanged."""
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelLoadStrategyWrapper,
     )

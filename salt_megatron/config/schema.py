@@ -433,7 +433,8 @@ class CheckpointConfig:
     ckpt_fully_reshardable: bool = False
     """Save the distributed optimizer's state in the layout-portable fully_reshardable form
     (gathered per data-parallel group: slow and memory-hungry) instead of dp_reshardable, which
-    every rank writes in parallel but which loads only at the same TP, PP and virtual PP."""
+    every rank writes in parallel but which resumes only at the same TP, PP and virtual PP (and
+    DP only while the gradient buckets stay alike)."""
 
     def __post_init__(self) -> None:
         _check(self.save_interval >= 0, "--save-interval must be >= 0")
