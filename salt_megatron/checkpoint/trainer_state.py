@@ -24,12 +24,14 @@ once) and returns; the queue's finalization, run by every rank once every rank's
 writes the metadata and only then commits the directory (:func:`files.commit`). megatron's writer
 fetches its results queue from a *spawn*-context ``Manager``, which re-imports ``__main__`` in a
 fresh interpreter and hangs entry points that are not importable scripts (and costs seconds);
-:func:`_use_fork_results_queue` swaps in a fork-context queue before the first save.
+:func:`_use_fork_results_queue` swaps in a fork-context queue (:class:`ResultsQueue`) before the
+first save.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.queues
 import random
 from functools import partial
 from typing import Any
@@ -63,11 +65,32 @@ SHAPE_FIELDS = (
 """Model fields that must match between a checkpoint and the run resuming from it."""
 
 
+RESULTS_WAIT_SECONDS = 30.0
+"""How long a read of the write results waits for them (a writer that died never sends any)."""
+
+
+class ResultsQueue(multiprocessing.queues.Queue):  # type: ignore[type-arg]
+    """megatron's write-results queue, fork-context, whose ``get_nowait`` waits for the data.
+
+    megatron reads the results with ``get_nowait`` right after they were put, in the same process
+    for a synchronous save. A ``multiprocessing`` queue sends a put through a feeder thread, so an
+    immediate read can find it empty ("results_queue should not be empty": the save fails, about
+    one read in ten on a loaded machine); megatron's own queue is a synchronous Manager proxy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(ctx=mp.get_context("fork"))
+
+    def get_nowait(self) -> Any:
+        """The next results, waiting up to :data:`RESULTS_WAIT_SECONDS` for the feeder thread."""
+        return self.get(timeout=RESULTS_WAIT_SECONDS)
+
+
 def _use_fork_results_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Queue()
+    if not isinstance(filesystem_async._results_queue, ResultsQueue):
+        filesystem_async._results_queue = ResultsQueue()
 
 
 def _save_strategy(dp_group: Any = None) -> Any:
