@@ -133,7 +133,11 @@ PAIRS2 = {
     "PP2 full recompute": ([*PP2, *DROPOUT], [*PP2, *DROPOUT, *FULL_BLOCK]),
     "DP2 overlapped param gather": (DISTOPT, [*DISTOPT, *OVERLAP]),
 }
-PAIRS4 = {"TP2xDP2 overlapped param gather": ([*TP2, *DISTOPT], [*TP2, *DISTOPT, *OVERLAP])}
+VPP2 = [*PP2, "--virtual-pipeline-model-parallel-size", "2"]
+PAIRS4 = {
+    "TP2xDP2 overlapped param gather": ([*TP2, *DISTOPT], [*TP2, *DISTOPT, *OVERLAP]),
+    "PP2xVPP2xDP2 aligned param gather": ([*VPP2, *DISTOPT], [*VPP2, *DISTOPT, *OVERLAP]),
+}
 BF16 = ["--bf16", "--use-distributed-optimizer"]
 
 
