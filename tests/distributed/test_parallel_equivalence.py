@@ -165,9 +165,13 @@ def _compare(name: str, got: list[tuple[float, float]], ref: list[tuple[float, f
 
 
 def _compare_pairs(
-    pairs: dict[str, tuple[list[str], list[str]]], results: list[dict[str, Any]]
+    pairs: dict[str, tuple[list[str], list[str]]], results: list[dict[str, Any]], rank: int
 ) -> None:
-    """Each option against its baseline: losses, grad norms and the final eval within 1e-6."""
+    """Each option against its baseline: losses, grad norms and the final eval within 1e-6.
+
+    Rank 0 (first pipeline stage: megatron buckets only there) must have had several buckets to
+    overlap.
+    """
     assert len(results) == 2 * len(pairs)
     for i, name in enumerate(pairs):
         base, variant = results[2 * i], results[2 * i + 1]
@@ -178,7 +182,7 @@ def _compare_pairs(
             assert norm == pytest.approx(ref_norm, abs=1e-6, rel=1e-6), f"{name} step {step} norm"
         assert variant["eval"] == pytest.approx(base["eval"], abs=1e-6, rel=1e-6), f"{name} eval"
         assert variant["weights"] == pytest.approx(base["weights"], rel=1e-9), f"{name} weights"
-        if "param gather" in name:
+        if "param gather" in name and rank == 0:
             assert variant["buckets"] > 1, f"{name}: one bucket, nothing to overlap"
 
 
@@ -193,8 +197,8 @@ def test_world2_layouts_match_single_process(
 
 def test_world2_recompute_and_overlap_change_nothing(world2: list[list[dict[str, Any]]]) -> None:
     n = len(WORLD2)
-    for rank_results in world2:
-        _compare_pairs(PAIRS2, rank_results[n : n + 2 * len(PAIRS2)])
+    for rank, rank_results in enumerate(world2):
+        _compare_pairs(PAIRS2, rank_results[n : n + 2 * len(PAIRS2)], rank)
 
 
 def test_world2_grad_reduce_in_bf16(world2: list[list[dict[str, Any]]]) -> None:
@@ -210,7 +214,7 @@ def test_world2_grad_reduce_in_bf16(world2: list[list[dict[str, Any]]]) -> None:
 
 def test_world4_layouts_match_single_process(reference: list[tuple[float, float]]) -> None:
     per_rank = run_distributed(_train, 4, [*WORLD4.values(), *_pair_layouts(PAIRS4)])
-    for rank_results in per_rank:
+    for rank, rank_results in enumerate(per_rank):
         for name, got in zip(WORLD4, rank_results):
             _compare(name, got["steps"], reference)
-        _compare_pairs(PAIRS4, rank_results[len(WORLD4) :])
+        _compare_pairs(PAIRS4, rank_results[len(WORLD4) :], rank)
