@@ -288,35 +288,33 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned workers
     opts = {k: v for k, v in vars(args).items() if k not in ("quick", "write_docs", "only")}
     command = f"`python benchmarks/recompute_and_checkpoints.py {' '.join(argv or sys.argv[1:])}`"
+
+    def header(model: str, start: float, load: str) -> str:
+        return (
+            f"Machine: {machine()}; torch {torch.__version__}; load average {load} at the start "
+            f"(shared machine); {_shape(model)}, seq {args.seq}, micro-batch {args.mbs}, vocab "
+            f"{args.vocab}, fp32; {args.reps} repetitions; {time.perf_counter() - start:.0f} s."
+            f"\n{command}\n\n"
+        )
+
+    sections: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="scale_bench_") as tmp:
         if args.only in (None, "recompute"):
             start, load = time.perf_counter(), load_average()
-            per_rank = run_distributed(recompute_worker, args.tp, opts, tmp)
-            text = (
-                f"Machine: {machine()}; torch {torch.__version__}; load average {load} at the "
-                f"start (shared machine); TP {args.tp}, {_shape(args.model)}, seq {args.seq}, "
-                f"micro-batch {args.mbs}, vocab {args.vocab}, fp32; "
-                f"{args.reps} steps per choice after a warm-up; {time.perf_counter() - start:.0f} "
-                f"s.\n{command}\n\n" + recompute_table(per_rank)
-            )
-            print(text, flush=True)
-            if args.write_docs:
-                write_docs(text, "## Activation recomputation")
+            ranks = run_distributed(recompute_worker, args.tp, {**opts, "model": args.model}, tmp)
+            text = f"TP {args.tp}. " + header(args.model, start, load) + recompute_table(ranks)
+            sections.append(("## Activation recomputation", text))
         if args.only in (None, "checkpoints"):
             start, load = time.perf_counter(), load_average()
-            ckpt_opts = {**opts, "model": args.ckpt_model}
-            per_rank = run_distributed(checkpoint_worker, args.dp, ckpt_opts, tmp)
-            text = (
-                f"Machine: {machine()}; torch {torch.__version__}; load average {load} at the "
-                f"start (shared machine); DP {args.dp} with the distributed optimizer, "
-                f"{per_rank[0]['params'] / 1e6:.1f}M parameters per rank ({_shape(args.ckpt_model)}"
-                f", vocab {args.vocab}), fp32 with "
-                f"Adam; {args.reps} saves per mode, modes interleaved; largest over ranks; "
-                f"{time.perf_counter() - start:.0f} s.\n{command}\n\n" + checkpoint_table(per_rank)
-            )
-            print(text, flush=True)
-            if args.write_docs:
-                write_docs(text, "## Checkpoints at scale")
+            ckpt = {**opts, "model": args.ckpt_model}
+            ranks = run_distributed(checkpoint_worker, args.dp, ckpt, tmp)
+            what = f"DP {args.dp}, distributed optimizer, {ranks[0]['params'] / 1e6:.1f}M params"
+            text = f"{what} per rank. " + header(args.ckpt_model, start, load)
+            sections.append(("## Checkpoints at scale", text + checkpoint_table(ranks)))
+    for heading, text in sections:
+        print(text, flush=True)
+        if args.write_docs:
+            write_docs(text, heading)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -40,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine, write_docs  # noqa: E402
 from salt_megatron.config.schema import ModelConfig  # noqa: E402
 from salt_megatron.models import flops as model_flops  # noqa: E402
 
@@ -325,32 +324,6 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """Host name, CPU model, core count, OS (and the GPU when there is one)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = found.group(1) if found else cpu
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    system = f"{platform.system()} {platform.release()}"
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} cores, {system}{gpu})"
-
-
-def write_docs(text: str, heading: str = "## Teacher overhead") -> None:
-    """Replace (or append) only the ``heading`` section of docs/benchmarks.md."""
-    path = REPO / "docs" / "benchmarks.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{heading}\n\n" + text.strip() + "\n"
-    pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section, old)
-    else:
-        new = old.rstrip() + "\n\n" + section
-    path.write_text(new)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--student", default="4x256x4", help="layers x hidden x heads")
@@ -400,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("\n" + text)
     if args.write_docs:
-        write_docs(text)
+        write_docs(text, "## Teacher overhead")
 
 
 if __name__ == "__main__":
