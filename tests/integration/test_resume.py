@@ -193,8 +193,8 @@ def distopt_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[in
 def test_distributed_optimizer_pp2_bitwise_and_dp2(
     distopt_run: tuple[Path, dict[int, float]], tmp_path: Path
 ) -> None:
-    """dp_reshardable resumes exactly at PP=2 and refuses DP=2 (PP changes) in one line;
-    a --ckpt-fully-reshardable save of the same run resumes at DP=2."""
+    """dp_reshardable resumes exactly at PP=2 and refuses PP=1 in one line; a
+    --ckpt-fully-reshardable save of the same run resumes at DP=2."""
     ref_root, ref = distopt_run
     root = _copy(ref_root, [10], tmp_path / "pp2")
     args = [*TINY, *PP2_DISTOPT, "--load", str(root), "--save", str(root), "--exit-interval", "15"]
@@ -209,11 +209,14 @@ def test_distributed_optimizer_pp2_bitwise_and_dp2(
     _assert_same(_losses(tmp_path / "dp2.jsonl"), ref, range(16, 21), 1e-5)
 
     refused = _copy(ref_root, [10], tmp_path / "refused")
-    failed = launch([*dp2, "--load", str(refused)], nproc=2)
-    assert failed.returncode != 0
+    failed = launch([*TINY, "--use-distributed-optimizer", "--load", str(refused)], nproc=1)
+    assert failed.returncode == 3, failed.stdout[-3000:]
     errors = [line for line in failed.stdout.splitlines() if "checkpoint error" in line]
-    assert errors and all("--ckpt-fully-reshardable" in line for line in errors), errors
-    assert "dp_reshardable, which cannot change layout (PP 2 -> 1)" in errors[0]
+    assert errors == [
+        f"pretrain_salt.py: checkpoint error: {layout.iteration_dir(str(refused), 10)}: its "
+        "distributed-optimizer state is dp_reshardable, which cannot change layout (PP 2 -> 1); "
+        "resave it at its own layout with --ckpt-fully-reshardable"
+    ]
 
 
 def _tensors(ckpt_dir: Path) -> dict[str, Any]:
