@@ -40,12 +40,15 @@ SHAPE_FIELDS = (
     "hidden_size",
     "num_attention_heads",
     "num_query_groups",
+    "kv_channels",
     "ffn_hidden_size",
     "position_embedding_type",
     "normalization",
     "swiglu",
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
 )
 """Model fields that must match between a checkpoint and the run resuming from it."""
 

@@ -32,6 +32,11 @@ def ffn_hidden_size(model: ModelConfig) -> int:
     return 4 * model.hidden_size
 
 
+def kv_channels(model: ModelConfig) -> int:
+    """Width of one attention head: ``--kv-channels``, else hidden / heads."""
+    return model.kv_channels or model.hidden_size // model.num_attention_heads
+
+
 def transformer_config(
     model: ModelConfig,
     *,
@@ -61,6 +66,7 @@ def transformer_config(
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
+        kv_channels=kv_channels(model),
         ffn_hidden_size=ffn_hidden_size(model),
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
@@ -70,6 +76,8 @@ def transformer_config(
         gated_linear_unit=model.swiglu,
         activation_func=F.silu if model.swiglu else F.gelu,
         add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
