@@ -66,7 +66,7 @@ def layer_params(model: ModelConfig, tp: int = 1) -> int:
     Column-parallel QKV and fc1 shard weights and biases; row-parallel projection and fc2 shard
     their weights, and their biases and the two norms are replicated.
     """
-    h, head_dim = model.hidden_size, mcfg.kv_channels(model)
+    h, head_dim = model.hidden_size, model.head_dim
     q = model.num_attention_heads * head_dim
     kv = (model.num_query_groups or model.num_attention_heads) * head_dim
     ffn = mcfg.ffn_hidden_size(model)
@@ -124,11 +124,11 @@ def activation_bytes_per_layer(
 ) -> float:
     """Stored 16-bit activations of one layer and micro-batch (Korthikanti et al., generalised)."""
     s, b, h, a = seq, micro_batch, model.hidden_size, model.num_attention_heads
-    kv = (model.num_query_groups or a) * (h // a)
+    q, kv = a * model.head_dim, (model.num_query_groups or a) * model.head_dim
     ffn = mcfg.ffn_hidden_size(model)
     fc1_outputs = 2 if model.swiglu else 1
     replicated = 10.0 * s * b * h  # 2 norm inputs, QKV and fc1 inputs, 2 dropout masks
-    attention = 2.0 * s * b * (2 * h + 2 * kv)  # Q, K, V and the projection's input
+    attention = 2.0 * s * b * (2 * q + 2 * kv)  # Q, K, V and the projection's input
     mlp = 2.0 * s * b * ffn * (fc1_outputs + 1)  # fc1 outputs and the activation's output
     scores = 0.0 if flash else 5.0 * a * s * s * b
     sharded = (attention + mlp + scores) / tp

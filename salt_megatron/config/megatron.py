@@ -32,11 +32,6 @@ def ffn_hidden_size(model: ModelConfig) -> int:
     return 4 * model.hidden_size
 
 
-def kv_channels(model: ModelConfig) -> int:
-    """Width of one attention head: ``--kv-channels``, else hidden / heads."""
-    return model.kv_channels or model.hidden_size // model.num_attention_heads
-
-
 def transformer_config(
     model: ModelConfig,
     *,
@@ -66,7 +61,7 @@ def transformer_config(
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
-        kv_channels=kv_channels(model),
+        kv_channels=model.head_dim,
         ffn_hidden_size=ffn_hidden_size(model),
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,

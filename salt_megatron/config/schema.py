@@ -125,6 +125,11 @@ class ModelConfig:
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"{_flag(name, prefix)} must be in [0, 1), got {value}")
 
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: --kv-channels, else hidden / heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
     def validate_tp(self, tp: int, tp_flag: str) -> None:
         """Check divisibility by a tensor-parallel size (named by ``tp_flag`` in messages)."""
         prefix = self.FLAG_PREFIX

@@ -1,8 +1,8 @@
 """Data pipeline: tokenizers, JSONL/text -> Megatron ``.bin/.idx``, GPT datasets, demo data.
 
 Modules: :mod:`.tokenizer` (sentencepiece / null tokenizers, training, :func:`load_tokenizer`),
-:mod:`.hf_tokenizer` (Hugging Face ``tokenizer.json``, byte-level BPE training), :mod:`.corpus` (reading
-inputs, the stdlib-docstring corpus), :mod:`.preprocess` (indexed-dataset writer),
+:mod:`.hf_tokenizer` (Hugging Face ``tokenizer.json``, byte-level BPE training), :mod:`.corpus`
+(reading inputs, the stdlib-docstring corpus), :mod:`.preprocess` (indexed-dataset writer),
 :mod:`.indexed` (validation, tokenizer records), :mod:`.datasets` (megatron GPT datasets),
 :mod:`.demo` (:func:`prepare_demo_data`). Megatron-core is imported only where needed.
 """

@@ -156,7 +156,7 @@ class HuggingFaceTokenizer:
         if eod < 0:
             raise DataError(
                 f"{self.path}: the tokenizer has no eos_token, so there is no end-of-document "
-                f"token; set \"eos_token\" in {self.json_path.parent / _CONFIG_FILES[0]}"
+                f'token; set "eos_token" in {self.json_path.parent / _CONFIG_FILES[0]}'
             )
         return eod
 

@@ -114,7 +114,9 @@ def write_tokenizer_record(
     path = tokenizer_record_path(prefix)
     tmp = f"{path}.tmp{os.getpid()}"
     record: dict[str, Any] = {
-        "fingerprint": fingerprint, "vocab_size": int(vocab_size), "model_path": model_path
+        "fingerprint": fingerprint,
+        "vocab_size": int(vocab_size),
+        "model_path": model_path,
     }
     if kind is not None:
         record["type"] = kind

@@ -230,7 +230,7 @@ def preprocess_files(
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (JSONL or text, in order) into ``output_prefix.bin/.idx``.
 
-    ``tokenizer_model``/``tokenizer_type``: see :func:`~salt_megatron.data.tokenizer.load_tokenizer`.
+    ``tokenizer_model``/``tokenizer_type``: see :func:`salt_megatron.data.load_tokenizer`.
     Also writes ``output_prefix.tokenizer.json`` (fingerprint, vocab size, model path). A bad
     record raises :class:`DataError` naming file and line, unless ``skip_bad_lines``, which
     counts and reports them (``stats.bad_lines``). No output is left behind on failure.

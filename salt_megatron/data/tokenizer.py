@@ -1,8 +1,9 @@
 """Tokenizers for the data pipeline: sentencepiece, Hugging Face (``hf_tokenizer``), and null.
 
-:func:`load_tokenizer` opens a ``--tokenizer-model`` of either ``--tokenizer-type``. All follow megatron-core's tokenizer interface as :class:`GPTDatasetConfig` uses it
-(``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``, ``tokenize``/``detokenize``, and the
-rest of ``megatron.core.tokenizers.MegatronTokenizerBase``'s methods) by duck typing rather than
+:func:`load_tokenizer` opens a ``--tokenizer-model`` of either ``--tokenizer-type``. All follow
+megatron-core's tokenizer interface as :class:`GPTDatasetConfig` uses it (``vocab_size``,
+``eod``, ``pad``, ``unique_identifiers``, ``tokenize``/``detokenize``, and the rest of
+``megatron.core.tokenizers.MegatronTokenizerBase``'s methods) by duck typing rather than
 inheritance, so that this module (and the tokenizer-training CLI) does not import megatron-core,
 which costs ~6-10 s per process. ``GPTDatasetConfig`` only type-hints the base class.
 """
@@ -138,7 +139,7 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 
 
 def infer_tokenizer_type(path: str | os.PathLike[str]) -> str:
-    """``HuggingFaceTokenizer`` for a folder or a ``.json`` file, else ``SentencePieceTokenizer``."""
+    """``HuggingFaceTokenizer`` for a folder or a ``.json`` file, else sentencepiece."""
     p = str(path)
     return "HuggingFaceTokenizer" if os.path.isdir(p) or p.endswith(".json") else TOKENIZER_TYPES[0]
 
