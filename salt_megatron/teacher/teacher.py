@@ -14,9 +14,9 @@ import logging
 from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
 
+from salt_megatron.checkpoint.untrusted import load_weights
 from salt_megatron.config import megatron as mcfg
 from salt_megatron.config.schema import SaltConfig
 from salt_megatron.models.fp8 import check_fp8
@@ -52,14 +52,14 @@ def _load_weights(model: GPTModel | None, groups: TeacherGroups, path: str) -> N
     """Collective over the world: teacher ranks read their shards, the others take part empty.
 
     Replica ids come from the teacher's groups (``dp_cp_group`` = the teacher replica group), so
-    each shard has exactly one main replica whatever the student's layout.
+    each shard has exactly one main replica whatever the student's layout. The checkpoint is
+    untrusted input: nothing in it is unpickled beyond plain metadata (see
+    :mod:`salt_megatron.checkpoint.untrusted`).
     """
     if model is None or groups.pgs is None:
-        dist_checkpointing.load({}, path)
+        load_weights(None, path)
         return
-    sharded = {"model": model.sharded_state_dict(metadata={"dp_cp_group": groups.pgs.dp})}
-    state = dist_checkpointing.load(sharded, path)
-    model.load_state_dict(state["model"], strict=True)
+    load_weights(model, path, metadata={"dp_cp_group": groups.pgs.dp})
 
 
 class Teacher:
