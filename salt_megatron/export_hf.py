@@ -149,42 +149,61 @@ def export(
     keep_padded_vocab: bool = False,
 ) -> ExportSummary:
     """Export the checkpoint under ``load`` (its latest, or ``step``) to the folder ``out``."""
-    from safetensors.torch import save_file
-
-    from salt_megatron.config import megatron as mcfg
     from salt_megatron.evaluation import check_tokenizer
 
     ckpt = resolve(load, step)
     model = saved_model_config(ckpt.meta, ckpt.path)
-    arch, source_config = target_architecture(model, ckpt.meta)
+    target_architecture(model, ckpt.meta)  # refuse before reading the weights
     tokenizer = None
     has_tokenizer = tokenizer_model or ((ckpt.meta.get("config") or {}).get("data") or {}).get(
         "tokenizer_model"
     )
     if has_tokenizer:
         tokenizer = check_tokenizer(ckpt.meta, ckpt.path, tokenizer_model)
-    padded = saved_padded_vocab(ckpt.meta, ckpt.path, 1)
-    true_vocab = int(ckpt.meta.get("vocab_size") or padded)
-    vocab = int(source_config.get("vocab_size", true_vocab))
+    sd = _full_state_dict(ckpt.path, ckpt.meta, model)
+    return write_hf_folder(out, sd, model, ckpt.meta, tokenizer, keep_padded_vocab, ckpt.step)
+
+
+def write_hf_folder(
+    out: str,
+    sd: dict[str, torch.Tensor],
+    model: ModelConfig,
+    meta: dict[str, Any],
+    tokenizer: Any = None,
+    keep_padded_vocab: bool = False,
+    step: int = 0,
+) -> ExportSummary:
+    """Write the Hugging Face folder of a TP = 1 state dict ``sd`` of the checkpoint ``meta``.
+
+    Vocabulary rows: the tokenizer's (``meta["vocab_size"]``), the source model's for a
+    checkpoint made by ``import_hf``, or all padded rows with ``keep_padded_vocab``.
+    """
+    from safetensors.torch import save_file
+
+    from salt_megatron.config import megatron as mcfg
+
+    arch, source_config = target_architecture(model, meta)
+    padded = int(meta["padded_vocab_size"])
+    vocab = int(source_config.get("vocab_size", meta.get("vocab_size") or padded))
     vocab = padded if keep_padded_vocab else vocab
-    sd = megatron_to_hf(_full_state_dict(ckpt.path, ckpt.meta, model), model, vocab)
+    hf_sd = megatron_to_hf(sd, model, vocab)
     os.makedirs(out, exist_ok=True)
     special = write_tokenizer(out, tokenizer, model.max_position_embeddings) if tokenizer else {}
-    dtype = next(iter(sd.values())).dtype
+    dtype = next(iter(hf_sd.values())).dtype
     config = dict(source_config) or hf_config(
         model, arch, vocab, mcfg.ffn_hidden_size(model), dtype
     )
     config["vocab_size"] = vocab
     for name in ("bos", "eos", "pad"):
         config.setdefault(f"{name}_token_id", special.get(name))
-    save_file(sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf_sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     generation = {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump(generation, f, indent=2)
-    n_params = sum(t.numel() for t in sd.values())
-    return ExportSummary(out, ckpt.step, vocab, padded, n_params, arch)
+    n_params = sum(t.numel() for t in hf_sd.values())
+    return ExportSummary(out, step, vocab, padded, n_params, arch)
 
 
 def main(argv: list[str] | None = None) -> int:
