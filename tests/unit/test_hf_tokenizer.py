@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def tok_dir(corpus: Path) -> Path:
     spec.loader.exec_module(tool)
     out = corpus.parent / "bpe"
     argv = ["--input", str(corpus), "--model-prefix", str(out), "--vocab-size", str(VOCAB),
-            "--tokenizer-type", "HuggingFaceTokenizer", "--user-defined-symbols", "<|pad|>"]  # fmt: skip
+            "--tokenizer-type", "HuggingFaceTokenizer",
+            "--user-defined-symbols", "<|pad|>"]  # fmt: skip
     assert tool.main(argv) == 0
     return out
 
@@ -96,14 +98,14 @@ def test_missing_eos_is_a_clear_error(tok_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no eos_token"):
         tok.eod  # noqa: B018
     cfg = parse_config(["--mock-data", "--tokenizer-model", str(bare)])
-    with pytest.raises(ConfigError, match="--tokenizer-model: .*no eos_token"):
+    with pytest.raises(ConfigError, match=r"--tokenizer-model: .*no eos_token"):
         build_tokenizer(cfg)
     (tmp_path / "x.txt").write_text("one document")
     with pytest.raises(DataError, match="no eos_token"):
         preprocess_files([str(tmp_path / "x.txt")], str(tmp_path / "d"), str(bare), progress=False)
     assert not (tmp_path / "d.bin").exists()
     (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
-    with pytest.raises(DataError, match="eos_token '<\\|nope\\|>' is not in tokenizer.json"):
+    with pytest.raises(DataError, match=re.escape("eos_token '<|nope|>' is not in tokenizer.json")):
         HuggingFaceTokenizer(bare).eod  # noqa: B018
 
 
@@ -111,11 +113,11 @@ def test_tokenizer_type_inference_and_errors(tok_dir: Path, tmp_path: Path) -> N
     assert infer_tokenizer_type(tok_dir) == "HuggingFaceTokenizer"
     assert infer_tokenizer_type(tok_dir / "tokenizer.json") == "HuggingFaceTokenizer"
     assert infer_tokenizer_type("x/tok.model") == "SentencePieceTokenizer"
-    with pytest.raises(DataError, match="is a folder: a sentencepiece model is one .model file"):
+    with pytest.raises(DataError, match=r"is a folder: a sentencepiece model is one \.model file"):
         load_tokenizer(tok_dir, "SentencePieceTokenizer")
     with pytest.raises(DataError, match="not a sentencepiece model"):
         load_tokenizer(tok_dir / "tokenizer.json", "SentencePieceTokenizer")
-    with pytest.raises(DataError, match="no tokenizer.json in this folder"):
+    with pytest.raises(DataError, match=r"no tokenizer\.json in this folder"):
         load_tokenizer(tmp_path, "HuggingFaceTokenizer")
     with pytest.raises(ConfigError, match="--tokenizer-type"):
         parse_config(["--mock-data", "--tokenizer-type", "GPT2BPETokenizer"])
