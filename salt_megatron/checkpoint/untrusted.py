@@ -41,17 +41,23 @@ _DCP_MODULES = (
 )
 
 
+_PLAIN = {
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),  # a DCP checkpoint_id saved as a path
+    ("pathlib", "PurePosixPath"),
+    ("torch.serialization", "_get_layout"),  # str -> torch.layout
+}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Constructs only DCP metadata dataclasses/enums, torch sizes, dtypes and layouts."""
+    """Constructs only DCP metadata dataclasses/enums, torch sizes, dtypes, layouts, paths."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name == "Size":
             return torch.Size
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if (module, name) == ("torch.serialization", "_get_layout"):
-            return super().find_class(module, name)
-        if (module, name) == ("collections", "OrderedDict"):
+        if (module, name) in _PLAIN:
             return super().find_class(module, name)
         if module in _DCP_MODULES:
             obj = super().find_class(module, name)
@@ -145,7 +151,7 @@ def _raw_common_state(path: str) -> bytes:
 
     class RawBytes(DefaultLoadPlanner):
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            self.state_dict[read_item.dest_index.fqn] = value.read()
+            self.original_state_dict[read_item.dest_index.fqn] = value.read()
 
     state: dict[str, Any] = {COMMON_STATE_KEY: io.BytesIO()}
     dcp_load(
