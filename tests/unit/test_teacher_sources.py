@@ -16,7 +16,12 @@ import torch
 
 from salt_megatron.checkpoint import layout, megatron_lm
 from salt_megatron.checkpoint.layout import CheckpointError
-from salt_megatron.checkpoint.untrusted import COMMON_STATE_KEY, dcp_metadata, read_common_state
+from salt_megatron.checkpoint.untrusted import (
+    COMMON_STATE_KEY,
+    dcp_metadata,
+    load_weights,
+    read_common_state,
+)
 from salt_megatron.config import parse_config
 from salt_megatron.hf_format import (
     HFFormatError,
@@ -269,6 +274,8 @@ def test_untrusted_pickles_are_refused_unrun(tmp_path: Path) -> None:
         pickle.dump(_Payload(str(victim)), f)
     with pytest.raises(CheckpointError, match=r"refusing to unpickle io\.open"):
         dcp_metadata(str(bad))
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle io\.open"):
+        load_weights(None, str(bad))  # the teacher's load: refused before DCP unpickles
     assert not victim.exists()
 
 
