@@ -320,7 +320,8 @@ def hf_to_megatron(
         for ours, theirs, how in layer_rules(model):
             parts = [get(src + name) for name in theirs]
             if how == "qkv":
-                tensor = merge_qkv(*parts, *shape)
+                q, k, v = parts
+                tensor = merge_qkv(q, k, v, *shape)
             else:
                 tensor = torch.cat(parts, dim=0) if how == "cat" else parts[0]
             yield f"decoder.layers.{i}.{ours}", tensor

@@ -55,7 +55,12 @@ _MUST_BE = {
     ("no_rope_freq",): None,
     ("experimental_attention_variant",): None,
 }
-_DEFAULT_ON = {("softmax_type",): "vanilla", ("rotary_percent",): 1.0, ("rope_type",): None}
+_DEFAULT_ON: dict[tuple[str, ...], Any] = {
+    ("softmax_type",): "vanilla",
+    ("rotary_percent",): 1.0,
+    ("rope_type",): None,
+}
+"""Options whose only value we build (Megatron-LM's default for each)."""
 
 
 def _arg(args: argparse.Namespace, names: tuple[str, ...], default: Any = None) -> Any:
@@ -126,9 +131,9 @@ def _unsupported(args: argparse.Namespace) -> list[str]:
         value = _arg(args, names)
         if value is not None and value != ok:
             problems.append(f"{names[0]}={value!r}")
-    for names, ok in _DEFAULT_ON.items():
-        value = _arg(args, names, ok)
-        if value != ok:
+    for names, default in _DEFAULT_ON.items():
+        value = _arg(args, names, default)
+        if value != default:
             problems.append(f"{names[0]}={value!r}")
     position = _position_embedding(args)
     if position not in ("rope", "learned_absolute"):

@@ -86,8 +86,8 @@ def test_llama_config_maps_exactly() -> None:
     assert (m.rotary_base, m.use_rope_scaling, m.rope_scaling_factor) == (500000, True, 32.0)
     assert not m.untie_embeddings_and_output_weights and m.swiglu and not m.add_qkv_bias
     legacy = {k: v for k, v in LLAMA.items() if k != "rope_parameters"}  # transformers 4 format
-    legacy |= {"rope_theta": 500000.0, "rope_scaling": {**LLAMA3_ROPE}}
-    legacy["rope_scaling"].pop("rope_theta")
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    legacy |= {"rope_theta": 500000.0, "rope_scaling": scaling}
     assert model_config_from_hf(legacy).model == m
     assert architecture_for(m) == "LlamaForCausalLM"
 
@@ -145,8 +145,8 @@ def test_qkv_interleaving_round_trips() -> None:
     for a, b in zip(split_qkv(fused, heads, groups, hd), (q, k, v), strict=True):
         assert torch.equal(a, b)
     bias = [t[:, 0].contiguous() for t in (q, k, v)]
-    for a, b in zip(split_qkv(merge_qkv(*bias, heads, groups, hd), heads, groups, hd), bias,
-                    strict=True):  # fmt: skip
+    merged = merge_qkv(bias[0], bias[1], bias[2], heads, groups, hd)
+    for a, b in zip(split_qkv(merged, heads, groups, hd), bias, strict=True):
         assert torch.equal(a, b)
 
 
