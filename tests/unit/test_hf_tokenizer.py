@@ -152,3 +152,15 @@ def test_train_bpe_is_deterministic(corpus: Path, tok_dir: Path, tmp_path: Path)
     assert again.fingerprint == HuggingFaceTokenizer(tok_dir).fingerprint
     with pytest.raises(DataError, match="vocab_size >= 257"):
         train_bpe_tokenizer(["abc"], tmp_path / "tiny", 100)
+
+
+def test_evaluation_reads_the_saved_tokenizer_kind(tok_dir: Path, corpus: Path) -> None:
+    """tools/evaluate.py and export_hf.py reopen the tokenizer a checkpoint was trained with."""
+    from salt_megatron.evaluation import EvalError, check_tokenizer
+
+    tok = HuggingFaceTokenizer(tok_dir)
+    data = {"tokenizer_model": str(tok_dir), "tokenizer_type": "HuggingFaceTokenizer"}
+    meta = {"config": {"data": data}, "tokenizer_fingerprint": tok.fingerprint}
+    assert check_tokenizer(meta, "ckpt", None).fingerprint == tok.fingerprint
+    with pytest.raises(EvalError, match="is not the tokenizer the checkpoint was trained with"):
+        check_tokenizer({**meta, "tokenizer_fingerprint": "f" * 64}, "ckpt", None)

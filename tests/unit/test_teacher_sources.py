@@ -175,6 +175,26 @@ def test_rope_variants_equal_transformers() -> None:
     )
 
 
+def test_sharded_safetensors_are_read_by_name(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from salt_megatron.import_hf import SafetensorsReader
+
+    a, b = torch.arange(4.0), torch.ones(2, 2)
+    save_file({"a": a}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b": b, "x.rotary_emb.inv_freq": a}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+             "x.rotary_emb.inv_freq": "model-00002-of-00002.safetensors"}  # fmt: skip
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    reader = SafetensorsReader(str(tmp_path))
+    assert torch.equal(reader.get("b"), b) and reader.unused() == ["a"]  # inv_freq is ignorable
+    with pytest.raises(HFFormatError, match="the weights have no tensor c"):
+        reader.get("c")
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(HFFormatError, match="only safetensors weights are read"):
+        SafetensorsReader(str(tmp_path))
+
+
 # ---- Megatron-LM args ---------------------------------------------------------------------------
 def test_megatron_lm_args_old_and_new_names() -> None:
     new = megatron_lm.model_config(megatron_lm_args("tok"), "ckpt")
