@@ -58,7 +58,6 @@ _MUST_BE = {
 _DEFAULT_ON: dict[tuple[str, ...], Any] = {
     ("softmax_type",): "vanilla",
     ("rotary_percent",): 1.0,
-    ("rope_type",): None,
 }
 """Options whose only value we build (Megatron-LM's default for each)."""
 
@@ -135,6 +134,8 @@ def _unsupported(args: argparse.Namespace) -> list[str]:
         value = _arg(args, names, default)
         if value != default:
             problems.append(f"{names[0]}={value!r}")
+    if _arg(args, ("rope_type",), "rope") != "rope":
+        problems.append(f"rope_type={args.rope_type!r}")
     position = _position_embedding(args)
     if position not in ("rope", "learned_absolute"):
         problems.append(f"position_embedding_type={position!r}")

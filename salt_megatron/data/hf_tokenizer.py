@@ -16,12 +16,12 @@ import hashlib
 import json
 import os
 import shutil
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from salt_megatron.data.errors import DataError
+from salt_megatron.data.tokenizer import FingerprintedTokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -82,7 +82,7 @@ def tokenizer_fingerprint(spec: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-class HuggingFaceTokenizer:
+class HuggingFaceTokenizer(FingerprintedTokenizer):
     """A ``tokenizer.json`` fast tokenizer with megatron-core's tokenizer interface.
 
     ``path``: a folder holding ``tokenizer.json`` (and usually ``tokenizer_config.json``), or the
@@ -107,21 +107,8 @@ class HuggingFaceTokenizer:
         self._size = max(self._vocab.values()) + 1 if self._vocab else 0
         self._specials = _special_tokens(self.json_path.parent)
 
-    @property
-    def fingerprint(self) -> str:
-        """sha256 hex digest of the canonical text -> ids mapping."""
-        return self._fingerprint
-
-    @property
-    def unique_identifiers(self) -> OrderedDict[str, Any]:
-        """What megatron hashes into its dataset-cache key (class, fingerprint, eod)."""
-        return OrderedDict(
-            [
-                ("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-                ("fingerprint", self._fingerprint),
-                ("eod", self._special_id("eos")),
-            ]
-        )
+    def _identity(self) -> list[tuple[str, Any]]:
+        return [("fingerprint", self._fingerprint), ("eod", self._special_id("eos"))]
 
     @property
     def vocab_size(self) -> int:

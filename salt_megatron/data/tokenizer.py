@@ -34,7 +34,27 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-class SentencePieceTokenizer:
+class FingerprintedTokenizer:
+    """Identity of a tokenizer: ``fingerprint`` and megatron's dataset-cache key from it."""
+
+    _fingerprint: str
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 hex digest identifying the text -> ids mapping."""
+        return self._fingerprint
+
+    def _identity(self) -> list[tuple[str, Any]]:
+        return [("fingerprint", self._fingerprint)]
+
+    @property
+    def unique_identifiers(self) -> OrderedDict[str, Any]:
+        """What megatron hashes into its dataset-cache key (class, fingerprint, ...)."""
+        kind = f"{type(self).__module__}.{type(self).__qualname__}"
+        return OrderedDict([("class", kind), *self._identity()])
+
+
+class SentencePieceTokenizer(FingerprintedTokenizer):
     """A sentencepiece model behind megatron-core's tokenizer interface.
 
     ``eod`` is the model's ``</s>`` (eos) id; ``pad`` is its pad id (``-1`` when the model has
@@ -55,21 +75,6 @@ class SentencePieceTokenizer:
             self._sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError) as err:
             raise DataError(f"{self.path}: not a sentencepiece model ({err})") from err
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 hex digest of the model file's bytes."""
-        return self._fingerprint
-
-    @property
-    def unique_identifiers(self) -> OrderedDict[str, Any]:
-        """What megatron hashes into its dataset-cache key (class and model fingerprint)."""
-        return OrderedDict(
-            [
-                ("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-                ("fingerprint", self._fingerprint),
-            ]
-        )
 
     @property
     def vocab_size(self) -> int:

@@ -197,7 +197,7 @@ def test_sharded_safetensors_are_read_by_name(tmp_path: Path) -> None:
 
 # ---- Megatron-LM args ---------------------------------------------------------------------------
 def test_megatron_lm_args_old_and_new_names() -> None:
-    new = megatron_lm.model_config(megatron_lm_args("tok"), "ckpt")
+    new = megatron_lm.model_config(megatron_lm_args("tok", rope_type="rope"), "ckpt")
     assert new == megatron_lm.model_config(megatron_lm_args("tok", new_names=False), "ckpt")
     assert new["norm_epsilon"] == 1e-5 and new["num_query_groups"] == 2 and new["use_rope_scaling"]
     # Megatron-LM's defaults: LayerNorm, GELU, biases, learned positions, tied embeddings.
@@ -220,12 +220,12 @@ def test_megatron_lm_args_old_and_new_names() -> None:
 def test_megatron_lm_unsupported_options_are_named() -> None:
     args = megatron_lm_args("tok", num_experts=8, multi_latent_attention=True,
                             rotary_percent=0.5, position_embedding_type="mrope",
-                            layernorm_zero_centered_gamma=True)  # fmt: skip
+                            layernorm_zero_centered_gamma=True, rope_type="yarn")  # fmt: skip
     with pytest.raises(CheckpointError) as err:
         megatron_lm.model_config(args, "ckpt")
     for name in ("num_experts=8", "multi_latent_attention=True", "rotary_percent=0.5",
                  "position_embedding_type='mrope'",
-                 "layernorm_zero_centered_gamma=True"):  # fmt: skip
+                 "layernorm_zero_centered_gamma=True", "rope_type='yarn'"):  # fmt: skip
         assert name in str(err.value)
     with pytest.raises(CheckpointError, match="--tokenizer-type 'TikTokenizer' is not supported"):
         megatron_lm.tokenizer_spec(megatron_lm_args("t", tokenizer_type="TikTokenizer"), "ckpt")
