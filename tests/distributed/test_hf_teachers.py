@@ -57,8 +57,12 @@ def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens_bs, torch.arange(SEQ).expand(BATCH, SEQ).contiguous()
 
 
-def _hf_model(arch: str, out: Path, tok: Path) -> torch.Tensor:
-    """Save a random model of ``arch`` with the tokenizer; its logits ``[s, b, ROWS]``."""
+def _hf_model(arch: str, out: Path, tok: Path) -> dict[str, torch.Tensor]:
+    """Save a random model of ``arch`` with the tokenizer; its logits ``[s, b, ROWS]``.
+
+    Also ``arch + "_bf16"``: the logits with the weights rounded to bfloat16 (what a bf16 import
+    holds), computed in float32 as the teacher runs.
+    """
     import transformers
 
     name, extra = ARCHS[arch]
@@ -72,8 +76,13 @@ def _hf_model(arch: str, out: Path, tok: Path) -> torch.Tensor:
     model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / f, out / f)
+    logits = {}
     with torch.no_grad():
-        return model.eval()(input_ids=_tokens()[0]).logits.transpose(0, 1).contiguous()
+        for name in (arch, arch + "_bf16"):
+            logits[name] = model.eval()(input_ids=_tokens()[0]).logits.transpose(0, 1).contiguous()
+            for param in model.parameters():  # not the buffers: RoPE frequencies stay float32
+                param.copy_(param.bfloat16().float())
+    return logits
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +94,7 @@ def hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("hf_teachers")
     texts = [d["text"] for _, d in zip(range(300), stdlib_docstrings(), strict=False)]
     tok = train_bpe_tokenizer(texts, root / "tok", VOCAB)
-    logits = {arch: _hf_model(arch, root / arch, root / "tok") for arch in ARCHS}
+    logits = {k: v for arch in ARCHS for k, v in _hf_model(arch, root / arch, root / "tok").items()}
     return {"root": str(root), "tok": str(root / "tok"), "fp": tok.fingerprint, "logits": logits}
 
 
@@ -108,6 +117,8 @@ def _import_and_round_trip(spec: dict[str, Any]) -> dict[str, Any]:
     mpu.initialize_model_parallel(1, 1)
     reseed(1)
     out: dict[str, Any] = {}
+    convert(plan_import(os.path.join(spec["root"], "qwen2"), dtype="bf16"),
+            os.path.join(spec["root"], "ck_qwen2_bf16"))  # fmt: skip
     for arch in ARCHS:
         hf_dir, ckpt = os.path.join(spec["root"], arch), os.path.join(spec["root"], f"ck_{arch}")
         plan = plan_import(hf_dir)
@@ -252,6 +263,8 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
             got = _teacher_logits(spec, os.path.join(spec["root"], f"ck_{arch}"), t, div)
             out["errors"][arch, t] = _check_against_hf(spec, arch, got, kd=arch == "llama")
             out["logits"][arch, t] = got
+    got = _teacher_logits(spec, os.path.join(spec["root"], "ck_qwen2_bf16"), *LAYOUTS[0])
+    out["errors"]["qwen2_bf16", 1] = _check_against_hf(spec, "qwen2_bf16", got, kd=False)
     for name, (tp, pp, vpp) in {"mlm_tp2": (2, 1, None), "mlm_vpp": (1, 2, 2)}.items():
         root = os.path.join(spec["root"], name)
         _save_megatron_lm(spec, root, tp, pp, vpp)
@@ -273,7 +286,7 @@ def test_hf_and_megatron_lm_teachers(hf: dict[str, Any]) -> None:
                 assert err is True, (name, t)  # bitwise equal to the imported teacher
             else:
                 assert err < 1e-4, (name, t, err)
-    assert results[0]["errors"]["llama", 2] < 1e-4 and len(results[0]["errors"]) == 12
+    assert results[0]["errors"]["llama", 2] < 1e-4 and len(results[0]["errors"]) == 13
     root = Path(hf["root"])
     assert (root / "mlm_vpp" / "release" / ".metadata").exists()
     assert not (root / "mlm_vpp" / "release" / "common.pt").exists()
