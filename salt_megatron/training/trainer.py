@@ -19,6 +19,7 @@ from salt_megatron.data.batches import MicroBatchIterator, stage_iterators
 from salt_megatron.models.fp8 import check_fp8
 from salt_megatron.models.student import build_student_chunks, count_parameters, wrap_ddp
 from salt_megatron.parallel.state import StudentLayout, init_student_parallel, reseed
+from salt_megatron.runtime import device
 from salt_megatron.training import metrics
 from salt_megatron.training.logger import MetricsWriter, log, setup_console
 from salt_megatron.training.optimizer import build_optimizer, build_scheduler, guarded_step
@@ -142,6 +143,8 @@ class Trainer:
             self.layout.dp,
             consumed,
             uses,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=device().type == "cuda",
         )
 
     # ---- one step ----------------------------------------------------------------------------
@@ -185,7 +188,8 @@ class Trainer:
         totals = self._forward_backward(
             self.train_iters, self.num_microbatches, False, forward_step
         )
-        means = (totals / totals[-1].clamp(min=1)).tolist()
+        sums = totals.tolist()  # the step's one read of the loss on the host
+        means = [x / max(sums[-1], 1.0) for x in sums]
         loss = means[0]
         lr = self.optimizer.param_groups[0]["lr"]
         updated, grad_norm = False, float("nan")
@@ -206,7 +210,7 @@ class Trainer:
             kd_phase=forward_step is not lm_forward_step,
             grad_norm=grad_norm,
             lr=lr,
-            tokens=int(totals[-1]),
+            tokens=int(sums[-1]),
             updated=updated,
             seconds=time.perf_counter() - start,
         )
