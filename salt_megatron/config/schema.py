@@ -220,7 +220,8 @@ class DataConfig:
     seq_length: int = 256
     """Tokens per training sequence."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank that read and collate micro-batches (0: on the
+    training thread). On GPUs batches are also collated into pinned memory."""
 
     def __post_init__(self) -> None:
         _positive(self, "", "seq_length")
