@@ -130,9 +130,17 @@ EOF
 }
 
 start_munge() {
-    local dir=$1
+    local dir=$1 up
     mkdir -p "$dir/munge"
     chmod 755 "$dir" "$dir/munge" # munged wants its socket's directories searchable by all
+    up=$dir
+    while [[ $up != / ]]; do
+        up=$(dirname "$up")
+        if [[ $(stat -c %A "$up") != *[xt] ]]; then
+            echo "slurm_cluster: munged needs $up searchable by all (chmod o+x $up)" >&2
+            return 1
+        fi
+    done
     dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
     chmod 400 "$dir/munge/munge.key"
     munged --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
