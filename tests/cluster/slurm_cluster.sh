@@ -1,8 +1,8 @@
 #!/bin/bash
 # A private Slurm cluster for tests and for trying the sbatch scripts on one machine (as root).
-# Config, munge key and socket, state, spool, logs and pid files all live under DIR; nothing in
-# /etc or /var is read or written, and the ports are free ones picked at start, so the cluster
-# cannot clash with a real Slurm or with another test run.
+# Config, munge key and socket, state, spool, logs and pid files all live under DIR; nothing is
+# written to /etc or /var (two nodes add namespaces under /run/netns while they run), and the
+# one-node cluster listens on free ports, so it cannot clash with a real Slurm or another test run.
 #
 #   tests/cluster/slurm_cluster.sh start DIR      # one node: this host, on 127.0.0.1
 #   tests/cluster/slurm_cluster.sh start DIR 2    # two nodes, node1 and node2, each in its own
@@ -49,10 +49,14 @@ exec_on() {
 make_netns() {
     local dir=$1 nodes=$2 id a b
     id=$(printf '%05d' $((RANDOM % 100000)))
+    while ip netns list | grep -q "^salt-$id-"; do
+        id=$(printf '%05d' $((RANDOM % 100000)))
+    done
     echo "$id" >"$dir/netns_id"
     printf '127.0.0.1 localhost\n' >"$dir/hosts"
     for ((i = 1; i <= nodes; i++)); do
         ip netns add "$(netns_name "$dir" "node$i")"
+        netns_name "$dir" "node$i" >>"$dir/netns" # created here: `stop` removes exactly these
         ip -n "$(netns_name "$dir" "node$i")" link set lo up
         printf '10.217.0.%d node%d\n' "$i" "$i" >>"$dir/hosts"
     done
@@ -77,6 +81,7 @@ write_conf() {
         host=$(hostname -s)
         ctld_port=$(free_port)
         slurmd_port=$(free_port)
+        while [[ $slurmd_port == "$ctld_port" ]]; do slurmd_port=$(free_port); done
     else
         host=node1
         ctld_port=6817 # the namespaces are private: Slurm's own ports
@@ -252,16 +257,14 @@ stop() {
         # shellcheck disable=SC2086
         kill -9 $pids 2>/dev/null || true
     fi
-    if [[ -f "$dir/netns_id" ]]; then
-        for node in node1 node2; do
-            ns=$(netns_name "$dir" "$node")
-            ip netns list | grep -qw "$ns" || continue
-            pids=$(ip netns pids "$ns" || true)
+    if [[ -f "$dir/netns" ]]; then
+        while read -r ns; do
+            pids=$(ip netns pids "$ns" 2>/dev/null || true)
             # shellcheck disable=SC2086
             [[ -z "$pids" ]] || kill -9 $pids 2>/dev/null || true
-            ip netns del "$ns"
-        done
-        rm -f "$dir/netns_id"
+            ip netns del "$ns" 2>/dev/null || true
+        done <"$dir/netns"
+        rm -f "$dir/netns"
     fi
 }
 
