@@ -1,9 +1,10 @@
 """Weights & Biases runs (Megatron-LM's ``--wandb-project/--wandb-exp-name/--wandb-save-dir``).
 
 ``wandb`` is an optional extra (``pip install 'salt-megatron[wandb]'``). Every rank calls
-:func:`require_wandb` before any process group exists, so a missing package stops the whole job
-with one clear error instead of leaving the other ranks waiting; only the logging rank calls
-:func:`start_wandb`. Each (re)start of a job is its own W&B run under the same name.
+:func:`require_wandb` before the student is built, so a missing package stops every rank with the
+same clear error (``pretrain_salt.py`` exit code 5) instead of leaving the others waiting in a
+collective; only the logging rank calls :func:`start_wandb`. Each (re)start of a job is its own
+W&B run under the same name.
 """
 
 from __future__ import annotations
