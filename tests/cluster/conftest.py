@@ -86,9 +86,7 @@ class SlurmCluster:
         assert proc.returncode == 0, f"{argv}: {proc.stderr}"
         return proc.stdout
 
-    def sbatch(
-        self, options: list[str], script: str, args: list[str], cwd: Path, **env: str
-    ) -> int:
+    def sbatch(self, options: list[str], script: str, args: list[str], cwd: Path) -> int:
         """``sbatch --parsable *options script *args`` from ``cwd``; the job id."""
         out = self.run("sbatch", "--parsable", *options, str(REPO / script), *args, cwd=cwd)
         return int(out.strip().split(";")[0])
