@@ -25,6 +25,7 @@ from salt_megatron.training.logger import MetricsWriter, log, setup_console
 from salt_megatron.training.optimizer import build_optimizer, build_scheduler, guarded_step
 from salt_megatron.training.phase import KDPhase
 from salt_megatron.training.step import METRICS, lm_forward_step, sum_reports
+from salt_megatron.training.tracking import require_wandb, start_wandb
 
 
 class NonFiniteError(RuntimeError):
@@ -66,6 +67,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         check_fp8(cfg.training.fp8_format, cfg.training.fp8_recipe)  # before any group exists
+        require_wandb(cfg.logging)
         self.layout: StudentLayout = init_student_parallel(cfg.parallel, cfg.training.seed)
         self.world_size = dist.get_world_size()
         self.is_logging_rank = dist.get_rank() == self.world_size - 1
@@ -89,8 +91,9 @@ class Trainer:
         self.tokens_seen = 0
         self.after_step: Callable[[], bool] | None = None
         """Called after each step (and its log/eval); True stops training (the checkpointer)."""
+        wandb_run = start_wandb(cfg) if self.is_logging_rank and cfg.logging.wandb_project else None
         self.writer = MetricsWriter(
-            cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file
+            cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file, wandb_run
         )
         self.kd = KDPhase(
             cfg,
