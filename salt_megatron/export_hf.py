@@ -117,7 +117,11 @@ class ExportSummary:
 
 
 def _full_state_dict(path: str, meta: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
-    """Build the model at TP = PP = 1 (world of 1) and load ``path`` into it; its state dict."""
+    """Build the model at TP = PP = 1 (world of 1) and load ``path`` into it; its state dict.
+
+    Always in host memory, GPU or not: the whole model must fit (a 70B model does not fit one
+    GPU), and the weights are written from the host anyway.
+    """
     from megatron.core import parallel_state as mpu
 
     from salt_megatron.config import megatron as mcfg
@@ -129,11 +133,11 @@ def _full_state_dict(path: str, meta: dict[str, Any], model: ModelConfig) -> dic
     try:
         if not mpu.model_parallel_is_initialized():
             mpu.initialize_model_parallel(1, 1)
-        tf = mcfg.transformer_config(model, tp=1, bf16=saved_bf16(meta))
+        tf = mcfg.transformer_config(model, tp=1, bf16=saved_bf16(meta), host_init=True)
         gpt = build_gpt(
             model, tf, padded_vocab_size=saved_padded_vocab(meta, path, 1),
             max_sequence_length=model.max_position_embeddings, pre_process=True,
-            post_process=True,
+            post_process=True, device=torch.device("cpu"),
         )  # fmt: skip
         load_weights([gpt], path)
         return {k: v for k, v in gpt.state_dict().items() if isinstance(v, torch.Tensor)}

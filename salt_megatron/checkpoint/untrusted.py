@@ -81,15 +81,23 @@ def dcp_metadata(path: str) -> Any:
         ) from None
 
 
-def _tensors_only(sharded: dict[str, Any]) -> dict[str, Any]:
-    """The sharded state dict without its ``ShardedObject`` entries (pickled payloads)."""
+def _tensors_only(sharded: Any) -> Any:
+    """A sharded state dict without its ``ShardedObject`` entries (pickled payloads)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return {k: v for k, v in sharded.items() if not isinstance(v, ShardedObject)}
+    if not isinstance(sharded, dict):
+        return sharded
+    return {k: _tensors_only(v) for k, v in sharded.items() if not isinstance(v, ShardedObject)}
 
 
-def _load_sharded(sharded: dict[str, Any], path: str) -> dict[str, Any]:
-    """megatron's ``dist_checkpointing.load`` minus the common state and access validation."""
+def load_sharded(sharded: dict[str, Any], path: str) -> dict[str, Any]:
+    """megatron's ``dist_checkpointing.load`` for a teacher: tensors only, no common state.
+
+    Collective over the world (a rank with nothing to read passes ``{}``). The DCP metadata is
+    checked first; ``ShardedObject`` entries are dropped from the request; tensors are loaded in
+    place where megatron's loader does so. Access-integrity validation is skipped (it gathers the
+    whole request on every rank).
+    """
     from megatron.core.dist_checkpointing.mapping import apply_factory_merges
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
@@ -98,11 +106,26 @@ def _load_sharded(sharded: dict[str, Any], path: str) -> dict[str, Any]:
         force_all_tensors_to_non_fp8,
     )
 
-    force_all_tensors_to_non_fp8(sharded)
-    sharded, _, factories = load_preprocess(sharded)
-    sharded, _ = extract_sharded_base(sharded)
-    loaded = TorchDistLoadShardedStrategy().load(sharded, path)
-    return dict(apply_factory_merges(loaded, factories))
+    dcp_metadata(path)  # refuses anything but plain DCP metadata before DCP unpickles it
+    sharded = _tensors_only(sharded)
+    try:
+        force_all_tensors_to_non_fp8(sharded)
+        sharded, _, factories = load_preprocess(sharded)
+        sharded, _ = extract_sharded_base(sharded)
+        loaded = TorchDistLoadShardedStrategy().load(sharded, path)
+        return dict(apply_factory_merges(loaded, factories))
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: cannot load the weights ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def load_module_state(module: nn.Module, state: dict[str, Any], path: str) -> None:
+    """``module.load_state_dict(state)``, strict except for the ``_extra_state`` never read."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights missing {missing}, unexpected {unexpected}")
 
 
 def load_weights(
@@ -115,23 +138,11 @@ def load_weights(
     TP/PP/VPP layout loads (sharded keys are global; the weights' dict key, ``model`` or
     ``model0``..., does not matter); ``_extra_state`` entries are not read.
     """
-    dcp_metadata(path)  # refuses anything but plain DCP metadata before DCP unpickles it
-    sharded = {}
-    if model is not None:
-        sd = model.sharded_state_dict(metadata=metadata)  # type: ignore[operator]
-        sharded = {"model": _tensors_only(sd)}
-    try:
-        loaded = _load_sharded(sharded, path)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: cannot load the weights ({type(exc).__name__}: {exc})"
-        ) from exc
     if model is None:
+        load_sharded({}, path)
         return
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights missing {missing}, unexpected {unexpected}")
+    sd = model.sharded_state_dict(metadata=metadata)  # type: ignore[operator]
+    load_module_state(model, load_sharded({"model": sd}, path)["model"], path)
 
 
 def safe_globals() -> list[Any]:

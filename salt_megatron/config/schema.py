@@ -263,7 +263,8 @@ class DataConfig:
     seq_length: int = 256
     """Tokens per training sequence."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank that read and collate micro-batches (0: on the
+    training thread). On GPUs batches are also collated into pinned memory."""
 
     def __post_init__(self) -> None:
         _positive(self, "", "seq_length")
@@ -382,7 +383,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console and TensorBoard."""
+    """Console, TensorBoard and Weights & Biases."""
 
     log_interval: int = 10
     """Steps between console lines and TensorBoard scalars."""
@@ -390,9 +391,20 @@ class LoggingConfig:
     """Write TensorBoard event files here (rank 0 of the last stage)."""
     metrics_file: str | None = None
     """Append every logged scalar as a JSON line {"step", "group", name: value} to this file."""
+    wandb_project: str | None = None
+    """Weights & Biases project: log the TensorBoard scalars and the run config there, from the
+    logging rank (needs the `wandb` extra; `WANDB_MODE=offline` writes the run locally)."""
+    wandb_exp_name: str = ""
+    """Weights & Biases run name (required with --wandb-project, as in Megatron-LM)."""
+    wandb_save_dir: str = ""
+    """Directory for the local Weights & Biases files; empty: `<--save>/wandb`."""
 
     def __post_init__(self) -> None:
         _positive(self, "", "log_interval")
+        _check(
+            not self.wandb_project or bool(self.wandb_exp_name),
+            "--wandb-project needs --wandb-exp-name (the run's name)",
+        )
 
 
 @dataclass

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.utils import get_pg_rank
 
+from salt_megatron import runtime
 from salt_megatron.config.schema import ModelConfig
 
 
@@ -52,7 +53,10 @@ class LocalNorm:
         cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any
     ) -> torch.nn.Module:
         norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
-        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        # Where megatron's own layers put their weights: the current GPU unless initialising on
+        # the CPU (the layers are then moved with the model).
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype, device=device)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
         return norm
@@ -141,15 +145,23 @@ def build_gpt(
     pg_collection: ProcessGroupCollection | None = None,
     pp_rank: int | None = None,
     init_seed: int = 0,
+    device: torch.device | None = None,
 ) -> GPTModel:
-    """One GPT model chunk with vocab-parallel output logits ``[s, b, V/tp]``.
+    """One GPT model chunk with vocab-parallel output logits ``[s, b, V/tp]``, on ``device``.
 
     ``pg_collection`` builds the model on explicit process groups (the teacher's); None uses
     megatron's global parallel state (the student's). Weights are seeded from ``init_seed``
     (embeddings) and per layer (see :class:`SeededTransformerLayer`): the same at any layout.
+
+    Every parameter and buffer ends on ``device`` (default: this rank's, see
+    :func:`salt_megatron.runtime.device`) in ``config.params_dtype``: megatron places its own
+    layers, but plain ``torch.nn`` modules inside the model (the learned position embedding)
+    are built on the host in float32. Megatron-LM fixes both with ``model.cuda()`` and its
+    ``Float16Module``; this is the same cast without the wrapper (bf16 with learned absolute
+    positions would otherwise feed float32 activations to the first bf16 linear layer).
     """
     torch.manual_seed(init_seed)
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, config, vp_stage, pp_rank, init_seed),
         vocab_size=padded_vocab_size,
@@ -166,3 +178,4 @@ def build_gpt(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    return gpt.to(device=device or runtime.device(), dtype=config.params_dtype)

@@ -165,7 +165,7 @@ def _teacher_logits(spec: dict[str, Any], load: str, t: int, div: int) -> torch.
     padded = mcfg.padded_vocab_size(VOCAB, div, 2)
     rank = mpu.get_tensor_model_parallel_rank()
     teacher = Teacher.build(cfg, mpu.get_tensor_model_parallel_group(), rank, 2, True, padded,
-                            spec["fp"], vocab_size=VOCAB)  # fmt: skip
+                            spec["fp"], device=torch.device("cpu"), vocab_size=VOCAB)  # fmt: skip
     assert teacher is not None
     logits_sbv = teacher.student_layout_logits(*_tokens())
     teacher.release()
