@@ -10,10 +10,11 @@ Reported per row (the fastest block of each kind: the machine may be shared):
 
 * plain / KD ms per optimizer step, their ratio ("measured"), the FLOP-ideal ratio
   ``1 + F_teacher_fwd / F_student_fwd_bwd`` per token (:func:`flop_ideal_ratio`), measured/ideal;
-* the teacher time share (``KDForwardStep.teacher_seconds`` over the KD step time);
-* where the excess ``KD - plain`` goes, per step: the teacher forward (teacher_seconds minus the
-  exchange), the logits exchange into the student's vocabulary layout (``student_layout_logits``
-  minus ``forward_shard`` on the same rows, timed separately), the KD loss over megatron's
+* the teacher time share (``KDForwardStep.teacher_timer`` over the KD step time);
+* where the excess ``KD - plain`` goes, per step: the teacher body (teacher time minus the
+  exchange), the exchange into the student's vocabulary layout (``student_layout_logits`` minus
+  ``final_hidden`` on the same rows, timed separately: the all-gather of hidden states and the
+  output layer's vocabulary slice), the KD loss over megatron's
   ``vocab_parallel_cross_entropy`` (forward + backward on logits of the step's shape, timed
   separately, times the micro-batches), and the unexplained rest.
 
@@ -218,22 +219,16 @@ def _loss_seconds(trainer: Any, reps: int) -> tuple[float, float]:
 
 
 def _exchange_seconds(trainer: Any, reps: int) -> float:
-    """``student_layout_logits`` minus ``forward_shard`` on the rows it computes (a micro-batch)."""
-    from salt_megatron.parallel import logits_exchange as lx
-
+    """``student_layout_logits`` minus ``final_hidden`` on the rows it computes (a micro-batch):
+    the hidden-state all-gather and the output layer's vocabulary slice."""
     teacher = trainer.kd.step_fn.teacher
     batch = next(iter(trainer.train_iters[-1]))
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokens, pos = batch["tokens"].to(dev), batch["position_ids"].to(dev)
-    lay = teacher.layout
-    rows = slice(None)
-    if lx.choose_mode(lay, tokens.shape[0]) == "split":
-        served = lx.batch_chunks(tokens.shape[0], lay.replicas)
-        start = sum(served[: lay.replica])
-        rows = slice(start, start + served[lay.replica])
+    rows = teacher.layout.rows(tokens.shape[0])
     whole = _timed(lambda: teacher.student_layout_logits(tokens, pos), reps)
-    shard = _timed(lambda: teacher.forward_shard(tokens[rows], pos[rows]), reps)
-    return max(0.0, whole - shard)
+    body = _timed(lambda: teacher.final_hidden(tokens[rows], pos[rows]), reps)
+    return max(0.0, whole - body)
 
 
 def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) -> dict:

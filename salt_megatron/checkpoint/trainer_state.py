@@ -24,8 +24,7 @@ once) and returns; the queue's finalization, run by every rank once every rank's
 writes the metadata and only then commits the directory (:func:`files.commit`). megatron's writer
 fetches its results queue from a *spawn*-context ``Manager``, which re-imports ``__main__`` in a
 fresh interpreter and hangs entry points that are not importable scripts (and costs seconds);
-:func:`_use_fork_results_queue` swaps in a fork-context queue (:class:`ResultsQueue`) before the
-first save.
+:func:`use_results_queue` swaps in a fork-context :class:`ResultsQueue` before the first save.
 """
 
 from __future__ import annotations
@@ -55,12 +54,15 @@ SHAPE_FIELDS = (
     "hidden_size",
     "num_attention_heads",
     "num_query_groups",
+    "kv_channels",
     "ffn_hidden_size",
     "position_embedding_type",
     "normalization",
     "swiglu",
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
 )
 """Model fields that must match between a checkpoint and the run resuming from it."""
 
@@ -70,12 +72,14 @@ RESULTS_WAIT_SECONDS = 30.0
 
 
 class ResultsQueue(multiprocessing.queues.Queue):  # type: ignore[type-arg]
-    """megatron's write-results queue, fork-context, whose ``get_nowait`` waits for the data.
+    """megatron's write-results queue: fork-context, and ``get_nowait`` waits for the data.
 
-    megatron reads the results with ``get_nowait`` right after they were put, in the same process
-    for a synchronous save. A ``multiprocessing`` queue sends a put through a feeder thread, so an
-    immediate read can find it empty ("results_queue should not be empty": the save fails, about
-    one read in ten on a loaded machine); megatron's own queue is a synchronous Manager proxy.
+    The writer puts its results here: in this process for a synchronous save, in the forked writer
+    process for an async one (so a thread queue would not do). megatron reads them with
+    ``get_nowait`` right after the put; a ``multiprocessing`` queue's ``put`` returns before its
+    feeder thread has written the item, so an immediate read could find it empty ("results_queue
+    should not be empty": a failed save, about one in ten on a loaded machine). megatron's own
+    queue is a synchronous Manager proxy.
     """
 
     def __init__(self) -> None:
@@ -86,7 +90,8 @@ class ResultsQueue(multiprocessing.queues.Queue):  # type: ignore[type-arg]
         return self.get(timeout=RESULTS_WAIT_SECONDS)
 
 
-def _use_fork_results_queue() -> None:
+def use_results_queue() -> None:
+    """Give megatron's checkpoint writer a :class:`ResultsQueue` (before any save)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if not isinstance(filesystem_async._results_queue, ResultsQueue):
@@ -197,7 +202,7 @@ def save(
     process and the commit is the request's last finalization step: the directory is renamed and
     the tracker updated only once the queue finalizes it. Otherwise the save completes here.
     """
-    _use_fork_results_queue()
+    use_results_queue()
     rank, step = dist.get_rank(), trainer.step
     if rank == 0:
         files.prepare_tmp(root, step)

@@ -38,9 +38,10 @@ def build_student_chunks(
             post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage,
             init_seed=cfg.training.seed,
+            device=device(),
         )
         chunk.model_type = getattr(chunk, "model_type", None) or _encoder_or_decoder()
-        chunks.append(chunk.to(device()))
+        chunks.append(chunk)
     return chunks
 
 

@@ -15,7 +15,9 @@ import torch
 from salt_megatron.config.schema import SaltConfig
 from salt_megatron.distill.schedule import in_kd_phase, weight_for
 from salt_megatron.distill.step import KDForwardStep
+from salt_megatron.loss import check_shard_widths
 from salt_megatron.parallel.state import StudentLayout, preserved_rng
+from salt_megatron.runtime import device
 from salt_megatron.training.logger import MetricsWriter, log
 
 
@@ -90,13 +92,13 @@ class KDPhase:
         """Teacher forward seconds since the last call (0 outside the KD phase)."""
         if self.step_fn is None:
             return 0.0
-        seconds, self.step_fn.teacher_seconds = self.step_fn.teacher_seconds, 0.0
-        return seconds
+        return self.step_fn.teacher_timer.take_seconds()
 
     def _build(self) -> None:
         from salt_megatron.teacher import Teacher
 
         lay = self.layout
+        check_shard_widths(self.padded_vocab // lay.tp, lay.tp_group, device())
         with preserved_rng():
             teacher = self._build_teacher(Teacher, lay)
         self.step_fn = KDForwardStep(teacher, self.cfg.distill, lay.tp_group)
@@ -114,6 +116,7 @@ class KDPhase:
             lay.is_last_stage,
             self.padded_vocab,
             self.fingerprint,
+            device=device(),
             vocab_size=self.vocab_size,
         )
 

@@ -20,6 +20,7 @@ from salt_megatron.models import flops as model_flops
 from salt_megatron.models.fp8 import check_fp8
 from salt_megatron.models.student import build_student_chunks, count_parameters, wrap_ddp
 from salt_megatron.parallel.state import StudentLayout, init_student_parallel, reseed
+from salt_megatron.runtime import device
 from salt_megatron.training import metrics
 from salt_megatron.training.batch_schedule import BatchSchedule
 from salt_megatron.training.logger import MetricsWriter, log, setup_console
@@ -27,6 +28,7 @@ from salt_megatron.training.optimizer import build_optimizer, build_scheduler, g
 from salt_megatron.training.phase import KDPhase
 from salt_megatron.training.profiling import StepProfiler
 from salt_megatron.training.step import METRICS, lm_forward_step, sum_reports
+from salt_megatron.training.tracking import require_wandb, start_wandb
 
 
 class NonFiniteError(RuntimeError):
@@ -69,6 +71,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         check_fp8(cfg.training.fp8_format, cfg.training.fp8_recipe)  # before any group exists
+        require_wandb(cfg.logging)
         self.layout: StudentLayout = init_student_parallel(cfg.parallel, cfg.training.seed)
         self.world_size = dist.get_world_size()
         self.is_logging_rank = dist.get_rank() == self.world_size - 1
@@ -94,8 +97,9 @@ class Trainer:
         self.tokens_seen = 0
         self.after_step: Callable[[], bool] | None = None
         """Called after each step (and its log/eval); True stops training (the checkpointer)."""
+        wandb_run = start_wandb(cfg) if self.is_logging_rank and cfg.logging.wandb_project else None
         self.writer = MetricsWriter(
-            cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file
+            cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file, wandb_run
         )
         self.kd = KDPhase(
             cfg,
@@ -151,6 +155,8 @@ class Trainer:
             self.layout.dp,
             consumed,
             uses,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=device().type == "cuda",
         )
 
     # ---- one step ----------------------------------------------------------------------------
@@ -193,7 +199,8 @@ class Trainer:
             self.reset_data_position()  # the KD phase just ended: switch to the main data
         forward_step = self.kd.forward_step(self.step) or lm_forward_step
         totals = self._forward_backward(self.train_iters, n_micro, False, forward_step)
-        means = (totals / totals[-1].clamp(min=1)).tolist()
+        sums = totals.tolist()  # the step's one read of the loss on the host
+        means = [x / max(sums[-1], 1.0) for x in sums]
         loss = means[0]
         lr = self.optimizer.param_groups[0]["lr"]
         updated, grad_norm = False, float("nan")
@@ -214,7 +221,7 @@ class Trainer:
             kd_phase=forward_step is not lm_forward_step,
             grad_norm=grad_norm,
             lr=lr,
-            tokens=int(totals[-1]),
+            tokens=int(sums[-1]),
             updated=updated,
             seconds=time.perf_counter() - start,
             batch_size=batch_size,

@@ -43,8 +43,6 @@ def _step_tensors(trainer: Any) -> list[Any]:
 
 
 def _roundtrip(root: str, extra: list[str]) -> dict[str, Any]:
-    import multiprocessing.queues
-
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -82,8 +80,8 @@ def _roundtrip(root: str, extra: list[str]) -> dict[str, Any]:
         "ref_steps": sorted(set(ref_steps)),
         "loss": loss,
         "ref_loss": ref_loss,
-        # a plain (fork-context) queue, not the spawn-context Manager proxy megatron creates
-        "plain_queue": isinstance(filesystem_async._results_queue, multiprocessing.queues.Queue),
+        # a fork-context queue, not the spawn-context Manager proxy megatron creates
+        "plain_queue": isinstance(filesystem_async._results_queue, trainer_state.ResultsQueue),
     }
 
 

@@ -14,7 +14,7 @@ def test_results_read_at_once_after_the_put() -> None:
     try:
         for _ in range(20):
             filesystem_async._results_queue = None
-            trainer_state._use_fork_results_queue()
+            trainer_state.use_results_queue()
             q = filesystem_async._results_queue
             q.put(results)  # what megatron's writer does in this process on a synchronous save
             assert q.get_nowait() == results  # what its finalization does right after
