@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck venv clean
+.PHONY: demo test test-cluster lint typecheck venv clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The Slurm and two-node tests alone (root, slurm-wlm, munge, iproute2; see docs/cluster-guide.md).
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 -m cluster tests/cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

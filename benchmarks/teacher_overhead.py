@@ -10,10 +10,11 @@ Reported per row (the fastest block of each kind: the machine may be shared):
 
 * plain / KD ms per optimizer step, their ratio ("measured"), the FLOP-ideal ratio
   ``1 + F_teacher_fwd / F_student_fwd_bwd`` per token (:func:`flop_ideal_ratio`), measured/ideal;
-* the teacher time share (``KDForwardStep.teacher_seconds`` over the KD step time);
-* where the excess ``KD - plain`` goes, per step: the teacher forward (teacher_seconds minus the
-  exchange), the logits exchange into the student's vocabulary layout (``student_layout_logits``
-  minus ``forward_shard`` on the same rows, timed separately), the KD loss over megatron's
+* the teacher time share (``KDForwardStep.teacher_timer`` over the KD step time);
+* where the excess ``KD - plain`` goes, per step: the teacher body (teacher time minus the
+  exchange), the exchange into the student's vocabulary layout (``student_layout_logits`` minus
+  ``final_hidden`` on the same rows, timed separately: the all-gather of hidden states and the
+  output layer's vocabulary slice), the KD loss over megatron's
   ``vocab_parallel_cross_entropy`` (forward + backward on logits of the step's shape, timed
   separately, times the micro-batches), and the unexplained rest.
 
@@ -28,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -44,8 +43,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine, write_docs  # noqa: E402
 from salt_megatron.config.schema import ModelConfig  # noqa: E402
-from salt_megatron.training import metrics  # noqa: E402
+from salt_megatron.models import flops as model_flops  # noqa: E402
 
 KD_WEIGHT, TEMP = 0.5, 1.0
 
@@ -82,15 +82,15 @@ def flop_ideal_ratio(
 ) -> float:
     """``1 + F_teacher_fwd / F_student_fwd_bwd`` per token (both with the student's padded vocab,
     which is what the colocated teacher is built with)."""
-    f_teacher = metrics.forward_flops_per_token(teacher, seq_length, padded_vocab)
-    f_student = metrics.train_flops_per_token(student, seq_length, padded_vocab)
+    f_teacher = model_flops.forward_flops_per_token(teacher, seq_length, padded_vocab)
+    f_student = model_flops.train_flops_per_token(student, seq_length, padded_vocab)
     return 1.0 + f_teacher / f_student
 
 
 def head_share(model: ModelConfig, seq_length: int, padded_vocab: int) -> float:
     """Fraction of the forward FLOPs per token spent in the LM head (``2 h V``)."""
     head = 2.0 * model.hidden_size * padded_vocab
-    return head / metrics.forward_flops_per_token(model, seq_length, padded_vocab)
+    return head / model_flops.forward_flops_per_token(model, seq_length, padded_vocab)
 
 
 class RandomTokens:
@@ -229,22 +229,16 @@ def _loss_seconds(trainer: Any, reps: int) -> tuple[float, float]:
 
 
 def _exchange_seconds(trainer: Any, reps: int) -> float:
-    """``student_layout_logits`` minus ``forward_shard`` on the rows it computes (a micro-batch)."""
-    from salt_megatron.parallel import logits_exchange as lx
-
+    """``student_layout_logits`` minus ``final_hidden`` on the rows it computes (a micro-batch):
+    the hidden-state all-gather and the output layer's vocabulary slice."""
     teacher = trainer.kd.step_fn.teacher
     batch = next(iter(trainer.train_iters[-1]))
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokens, pos = batch["tokens"].to(dev), batch["position_ids"].to(dev)
-    lay = teacher.layout
-    rows = slice(None)
-    if lx.choose_mode(lay, tokens.shape[0]) == "split":
-        served = lx.batch_chunks(tokens.shape[0], lay.replicas)
-        start = sum(served[: lay.replica])
-        rows = slice(start, start + served[lay.replica])
+    rows = teacher.layout.rows(tokens.shape[0])
     whole = _timed(lambda: teacher.student_layout_logits(tokens, pos), reps)
-    shard = _timed(lambda: teacher.forward_shard(tokens[rows], pos[rows]), reps)
-    return max(0.0, whole - shard)
+    body = _timed(lambda: teacher.final_hidden(tokens[rows], pos[rows]), reps)
+    return max(0.0, whole - body)
 
 
 def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) -> dict:
@@ -414,32 +408,6 @@ def _offline_table(rows: list[dict], top_k: int) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """Host name, CPU model, core count, OS (and the GPU when there is one)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = found.group(1) if found else cpu
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    system = f"{platform.system()} {platform.release()}"
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} cores, {system}{gpu})"
-
-
-def write_docs(text: str, heading: str = "## Teacher overhead") -> None:
-    """Replace (or append) only the ``heading`` section of docs/benchmarks.md."""
-    path = REPO / "docs" / "benchmarks.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{heading}\n\n" + text.strip() + "\n"
-    pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section, old)
-    else:
-        new = old.rstrip() + "\n\n" + section
-    path.write_text(new)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--student", default="4x256x4", help="layers x hidden x heads")
@@ -504,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("\n" + text)
     if args.write_docs:
-        write_docs(text)
+        write_docs(text, "## Teacher overhead")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Example::
 The world size defaults to the ``# world_size: N`` comment of the YAML file (else TP x PP); the
 vocabulary size to ``--vocab-size`` in the config, else the sentencepiece model's. Other flags
 after the planner's own override the config like ``pretrain_salt.py``'s
-(``--micro-batch-size 2``). Exit status 1 when the run does not fit the GPU memory.
+(``--micro-batch-size 2``). Exit status 1 when the run, with its ``--recompute-*`` choice, does
+not fit the GPU memory.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def _vocab(cfg: SaltConfig, override: int | None) -> int:
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size
     model = cfg.data.tokenizer_model
-    if model and Path(model).is_file():
-        import sentencepiece
+    if model and Path(model).exists():
+        from salt_megatron.data.tokenizer import load_tokenizer
 
-        return int(sentencepiece.SentencePieceProcessor(model_file=model).vocab_size())
+        return int(load_tokenizer(model, cfg.data.tokenizer_type).vocab_size)
     raise ConfigError("no vocabulary size: set --vocab-size or a readable --tokenizer-model")
 
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan.py: error: {exc}", file=sys.stderr)
         return 2
     print(format_plan(cfg, result))
-    return 1 if result.memory_recompute > hardware.gpu_memory_gib * 1024**3 else 0
+    return 1 if result.memory_total > hardware.gpu_memory_gib * 1024**3 else 0
 
 
 if __name__ == "__main__":

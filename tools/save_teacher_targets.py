@@ -4,10 +4,11 @@
         --top-k 64 [--top-p 0.95] <the student run's pretrain_salt.py flags>
 
 The student run's flags (``--config``, data, ``--seq-length``, ``--seed``, ``--train-iters``,
-``--global-batch-size``, ``--kd-steps``, ``--kd-temperature``, ``--kd-teacher-load``,
-``--kd-data-path``) decide the samples: the first ``kd_steps x global_batch_size`` samples of
-the KD phase's GPT dataset, keyed by their dataset index, so any later layout (TP, PP, DP,
-micro-batch size) replays them with ``pretrain_salt.py --kd-targets DIR``. The pass itself runs
+``--global-batch-size``, ``--rampup-batch-size``, ``--kd-steps``, ``--kd-temperature``,
+``--kd-teacher-load``, ``--kd-data-path``) decide the samples: the ones the KD phase's steps
+consume (``kd_steps x global_batch_size`` without a ramp-up) of its GPT dataset, keyed by their
+dataset index, so any later layout (TP, PP, DP, micro-batch size) replays them with
+``pretrain_salt.py --kd-targets DIR``. The pass itself runs
 on every rank: data parallel over shards, the teacher's own TP inside
 (``--teacher-tensor-model-parallel-size``), ``--micro-batch-size`` sequences per forward.
 Rerunning the command after a kill continues with the missing shards; rerunning it with a
@@ -93,9 +94,10 @@ def _kd_dataset(cfg: Any, dp: int) -> tuple[Any, Any]:
 
 def _spec(cfg: Any, args: argparse.Namespace, tokenizer: Any, dataset: Any, dp: int) -> Any:
     from salt_megatron.data.teacher_targets import TargetSpec
+    from salt_megatron.training.batch_schedule import BatchSchedule
     from salt_megatron.training.phase import teacher_record
 
-    num = cfg.distill.kd_steps * cfg.training.global_batch_size
+    num = BatchSchedule(cfg.training, 1).samples_before(cfg.distill.kd_steps)  # any ramp-up
     covered = min(num, len(dataset))
     per_shard = args.samples_per_shard or max(
         1, min((1 << 20) // cfg.data.seq_length, math.ceil(covered / (4 * dp)))
@@ -140,6 +142,7 @@ def _save(cfg: Any, args: argparse.Namespace) -> None:
     from salt_megatron.data import teacher_targets as store
     from salt_megatron.distill.targets import save_targets, store_summary
     from salt_megatron.parallel.state import reseed
+    from salt_megatron.runtime import device
     from salt_megatron.teacher import Teacher
 
     t = cfg.parallel.teacher_tensor_model_parallel_size
@@ -159,7 +162,7 @@ def _save(cfg: Any, args: argparse.Namespace) -> None:
     padded = mcfg.padded_vocab_size(spec.vocab_size, cfg.model.make_vocab_size_divisible_by, t)
     teacher = Teacher.build(
         cfg, tp_group, mpu.get_tensor_model_parallel_rank(), t, True, padded,
-        tokenizer.fingerprint, vocab_size=spec.vocab_size,
+        tokenizer.fingerprint, device=device(), vocab_size=spec.vocab_size,
     )  # fmt: skip
     start = time.perf_counter()
     save_targets(

@@ -53,6 +53,7 @@ def _score(cfg: Any, out: str, top_k: int) -> None:
     from salt_megatron.data.datasets import build_gpt_datasets
     from salt_megatron.distill.scoring import ScoreSpec, score_dataset
     from salt_megatron.parallel.state import reseed
+    from salt_megatron.runtime import device
     from salt_megatron.teacher import Teacher
     from salt_megatron.training.data import build_tokenizer
 
@@ -70,11 +71,12 @@ def _score(cfg: Any, out: str, top_k: int) -> None:
     padded = mcfg.padded_vocab_size(tokenizer.vocab_size, div, t)
     teacher = Teacher.build(
         cfg, tp_group, mpu.get_tensor_model_parallel_rank(), t, True, padded,
-        tokenizer.fingerprint, vocab_size=tokenizer.vocab_size,
+        tokenizer.fingerprint, device=device(), vocab_size=tokenizer.vocab_size,
     )  # fmt: skip
     spec = ScoreSpec(
         list(cfg.data.data_path or []), cfg.data.seq_length, cfg.training.seed, top_k,
         len(dataset), str(cfg.data.tokenizer_model), str(cfg.distill.kd_teacher_load),
+        cfg.data.tokenizer_type,
     )  # fmt: skip
     scores = score_dataset(
         teacher, dataset, out, spec, cfg.training.micro_batch_size,

@@ -7,6 +7,7 @@ and ``OptimizerConfig``. Nothing else in the package constructs these.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,8 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer import TransformerConfig
 
-from salt_megatron.config.schema import ModelConfig, ParallelConfig, SaltConfig
+from salt_megatron.config.schema import ModelConfig, ParallelConfig, SaltConfig, TrainingConfig
+from salt_megatron.runtime.kernels import FusedKernels, fused_kernels
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -32,6 +34,33 @@ def ffn_hidden_size(model: ModelConfig) -> int:
     return 4 * model.hidden_size
 
 
+def fusions(model: ModelConfig, on_gpu: bool, kernels: FusedKernels) -> dict[str, bool]:
+    """megatron-core's fusion flags: each on where the GPU stack has its kernel.
+
+    * ``bias_activation_fusion`` (megatron's jit-fused SwiGLU / bias-GeLU): any GPU; megatron
+      refuses it for a GeLU MLP without biases.
+    * ``bias_dropout_fusion``, ``masked_softmax_fusion``: any GPU (megatron falls back to the
+      unfused softmax when its kernel is missing).
+    * ``gradient_accumulation_fusion``: apex's ``fused_weight_gradient_mlp_cuda`` (megatron's
+      own linear layers use it under every layer spec; without it megatron raises).
+    * ``apply_rope_fusion``: rotary embeddings and TE's fused RoPE kernel.
+    * ``persist_layer_norm``: apex's persistent LayerNorm, which neither layer spec here uses.
+
+    All off on the CPU.
+    """
+    gelu_without_bias = not model.swiglu and not model.add_bias_linear
+    return {
+        "bias_activation_fusion": on_gpu and not gelu_without_bias,
+        "bias_dropout_fusion": on_gpu,
+        "masked_softmax_fusion": on_gpu,
+        "gradient_accumulation_fusion": on_gpu and kernels.fused_wgrad,
+        "apply_rope_fusion": (
+            on_gpu and kernels.fused_rope and model.position_embedding_type == "rope"
+        ),
+        "persist_layer_norm": False,
+    }
+
+
 def transformer_config(
     model: ModelConfig,
     *,
@@ -44,15 +73,20 @@ def transformer_config(
     fp8_recipe: str = "delayed",
     fp8_param: bool = False,
     tp_only_amax_red: bool = False,
+    host_init: bool | None = None,
+    recompute: dict[str, Any] | None = None,
 ) -> TransformerConfig:
     """A megatron-core ``TransformerConfig`` for one model under a (TP, PP, VPP) layout.
 
-    Fused CUDA kernels are switched off without a GPU. The loss is summed per token and
+    Fusions follow :func:`fusions` (all off without a GPU). The loss is summed per token and
     normalised by the global count of valid tokens (``calculate_per_token_loss``).
     FP8 (``fp8_format``, Transformer Engine layers only): megatron wraps each layer's forward in
     TE's FP8 autocast (``fp8_utils.get_fp8_context``); ``fp8_param`` also builds the layers under
     TE's FP8 model-init context (FP8-only weights); ``tp_only_amax_red`` reduces FP8 amaxes
     over the (global, student) TP group instead of TP x DP.
+    ``host_init``: initialise weights on the CPU (``use_cpu_initialization``); default: only
+    without a GPU. Tools that build a whole model in one process (export) pass True.
+    ``recompute``: the activation recomputation fields (:func:`recompute_fields`).
     """
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -61,6 +95,7 @@ def transformer_config(
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
         ffn_hidden_size=ffn_hidden_size(model),
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
@@ -70,6 +105,8 @@ def transformer_config(
         gated_linear_unit=model.swiglu,
         activation_func=F.silu if model.swiglu else F.gelu,
         add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
@@ -82,18 +119,24 @@ def transformer_config(
         # gloo pairs p2p sends/receives in posting order: batched p2p is wrong at PP=2 with VPP.
         batch_p2p_comm=on_gpu,
         deallocate_pipeline_outputs=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        use_cpu_initialization=not on_gpu,
+        **fusions(model, on_gpu, fused_kernels()),
+        use_cpu_initialization=not on_gpu if host_init is None else host_init,
         fp8=fp8_format,
         fp8_recipe=fp8_recipe,
         fp8_param=fp8_param and fp8_format is not None,
         tp_only_amax_red=tp_only_amax_red,
+        **(recompute or {}),
     )
+
+
+def recompute_fields(tr: TrainingConfig) -> dict[str, Any]:
+    """``TransformerConfig``'s activation-recomputation fields, as Megatron-LM sets them."""
+    return {
+        "recompute_granularity": tr.recompute_granularity,
+        "recompute_method": tr.recompute_method,
+        "recompute_num_layers": tr.recompute_num_layers,
+        "recompute_modules": list(tr.recompute_modules) if tr.recompute_modules else None,
+    }
 
 
 def student_transformer_config(cfg: SaltConfig) -> TransformerConfig:
@@ -108,32 +151,52 @@ def student_transformer_config(cfg: SaltConfig) -> TransformerConfig:
         bf16=cfg.training.bf16,
         fp8_format=cfg.training.fp8_format,
         fp8_recipe=cfg.training.fp8_recipe,
+        recompute=recompute_fields(cfg.training),
     )
+
+
+def teacher_fp8_recipe(recipe: str) -> str:
+    """The FP8 recipe of the frozen teacher's FP8-only weights, given the run's ``--fp8-recipe``.
+
+    Under ``delayed`` scaling a weight is quantised with the scale its amax *history* gave, which
+    starts at 1.0 and is only updated by forward passes under autocast: loading a bf16
+    checkpoint into FP8-only weights quantises them at scale 1.0, where E4M3's smallest step
+    (2**-9) flushes most of a small weight's values (std ~3e-3) to zero, and the teacher never
+    re-quantises (it takes no optimizer step). Every other recipe computes scales from the
+    tensor itself, so ``delayed`` becomes ``tensorwise`` (per-tensor current scaling, TE >= 2.2)
+    for the teacher; the student keeps its recipe.
+    """
+    return "tensorwise" if recipe == "delayed" else recipe
 
 
 def teacher_transformer_config(cfg: SaltConfig, model: ModelConfig) -> TransformerConfig:
     """The frozen teacher's config: its own TP, PP = 1, no dropout, FP8-only weights under FP8.
 
-    Its FP8 amax reduction runs over the student's TP group (``tp_only_amax_red``): every rank
-    of that group runs one teacher forward per micro-batch (see ``parallel.logits_exchange``).
+    FP8 weights use :func:`teacher_fp8_recipe`. Amax reductions (of activations, under current
+    scaling only where a tensor is split across ranks) stay inside the teacher's TP group.
     """
     return transformer_config(
         model,
         tp=cfg.parallel.teacher_tensor_model_parallel_size,
         bf16=cfg.training.bf16,
         fp8_format=cfg.training.fp8_format,
-        fp8_recipe=cfg.training.fp8_recipe,
+        fp8_recipe=teacher_fp8_recipe(cfg.training.fp8_recipe),
         fp8_param=True,
         tp_only_amax_red=True,
     )
 
 
 def ddp_config(cfg: SaltConfig) -> DistributedDataParallelConfig:
-    """megatron-core's DDP config (float32 grad reduction, bucketed, optional overlap)."""
+    """megatron-core's DDP config: bucketed float32 (or bf16) gradient reduction, optional overlap
+    of the reduction with backward and of the distributed optimizer's all-gather with forward."""
+    par = cfg.parallel
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        grad_reduce_in_fp32=not par.grad_reduce_in_bf16,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        align_param_gather=par.align_param_gather,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        bucket_size=par.ddp_bucket_size,
         check_for_nan_in_grad=False,
     )
 
@@ -153,4 +216,5 @@ def optimizer_config(cfg: SaltConfig) -> OptimizerConfig:
         bf16=cfg.training.bf16,
         params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )

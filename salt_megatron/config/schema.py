@@ -42,6 +42,8 @@ class ModelConfig:
     """Attention heads per layer."""
     num_query_groups: int | None = None
     """Key/value head groups for grouped-query attention; None means one per head (MHA)."""
+    kv_channels: int | None = None
+    """Width of each attention head (query, key and value); None means hidden / heads."""
     ffn_hidden_size: int | None = None
     """MLP width; None means 4 x hidden (or 8/3 x hidden rounded to 64 with --swiglu)."""
     vocab_size: int | None = None
@@ -52,6 +54,14 @@ class ModelConfig:
     """Rotary (rope) or learned absolute position embeddings."""
     rotary_base: int = 10000
     """RoPE base frequency."""
+    use_rope_scaling: bool = False
+    """Llama 3.x RoPE frequency scaling (megatron-core's: low/high frequency factors 1 and 4,
+    original context 8192)."""
+    rope_scaling_factor: float = 8.0
+    """Factor of the Llama 3.x RoPE scaling (with --use-rope-scaling)."""
+    rotary_seq_len_interpolation_factor: float | None = None
+    """Linear RoPE position interpolation: positions are divided by this factor (Hugging Face's
+    'linear' rope scaling); None: no interpolation."""
     max_position_embeddings: int = 4096
     """Largest sequence length the position embeddings support."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
@@ -64,6 +74,11 @@ class ModelConfig:
     """Separate input embedding and output projection weights."""
     add_bias_linear: bool = False
     """Biases in the linear layers."""
+    add_qkv_bias: bool = False
+    """Biases in the query/key/value projection only (Qwen2); --add-bias-linear implies them."""
+    qk_layernorm: bool = False
+    """Normalise every query and key head (the layers' norm type, width kv-channels) before RoPE
+    (Qwen3)."""
     hidden_dropout: float = 0.0
     """Dropout on the residual stream."""
     attention_dropout: float = 0.0
@@ -80,6 +95,21 @@ class ModelConfig:
         _positive(self, prefix, "num_layers", "hidden_size", "num_attention_heads")
         _positive(self, prefix, "num_query_groups", "ffn_hidden_size", "vocab_size")
         _positive(self, prefix, "make_vocab_size_divisible_by", "max_position_embeddings")
+        _positive(self, prefix, "kv_channels", "rope_scaling_factor")
+        _positive(self, prefix, "rotary_seq_len_interpolation_factor")
+        rope_options = self.use_rope_scaling or self.rotary_seq_len_interpolation_factor
+        _check(
+            not rope_options or self.position_embedding_type == "rope",
+            f"{_flag('use_rope_scaling', prefix)} and "
+            f"{_flag('rotary_seq_len_interpolation_factor', prefix)} need rope position "
+            f"embeddings, not {self.position_embedding_type}",
+        )
+        _check(
+            not (self.use_rope_scaling and self.rotary_seq_len_interpolation_factor),
+            f"{_flag('use_rope_scaling', prefix)} and "
+            f"{_flag('rotary_seq_len_interpolation_factor', prefix)} are two RoPE scalings: "
+            "use one",
+        )
         _check(
             self.hidden_size % self.num_attention_heads == 0,
             f"{_flag('hidden_size', prefix)} {self.hidden_size} is not divisible by "
@@ -94,6 +124,11 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"{_flag(name, prefix)} must be in [0, 1), got {value}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: --kv-channels, else hidden / heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def validate_tp(self, tp: int, tp_flag: str) -> None:
         """Check divisibility by a tensor-parallel size (named by ``tp_flag`` in messages)."""
@@ -133,6 +168,16 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass
+    (needs --use-distributed-optimizer and --overlap-grad-reduce)."""
+    align_param_gather: bool = False
+    """Launch the overlapped parameter all-gathers of all pipeline stages together, from the
+    schedule (needs --overlap-param-gather)."""
+    grad_reduce_in_bf16: bool = False
+    """Accumulate and reduce gradients in bfloat16 instead of float32 (needs --bf16)."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient-reduction bucket; None: megatron's max(40M, 1M x DP)."""
     teacher_tensor_model_parallel_size: int = 1
     """Teacher tensor-parallel size: a divisor of the student's (or equal)."""
     distributed_timeout_minutes: int = 10
@@ -142,6 +187,16 @@ class ParallelConfig:
         _positive(self, "", "tensor_model_parallel_size", "pipeline_model_parallel_size")
         _positive(self, "", "virtual_pipeline_model_parallel_size")
         _positive(self, "", "teacher_tensor_model_parallel_size", "distributed_timeout_minutes")
+        _positive(self, "", "ddp_bucket_size")
+        _check(
+            not self.overlap_param_gather
+            or (self.use_distributed_optimizer and self.overlap_grad_reduce),
+            "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce",
+        )
+        _check(
+            not self.align_param_gather or self.overlap_param_gather,
+            "--align-param-gather needs --overlap-param-gather",
+        )
         vpp = self.virtual_pipeline_model_parallel_size
         _check(
             vpp is None or self.pipeline_model_parallel_size > 1,
@@ -168,7 +223,11 @@ class DistillConfig:
     """SALT's knowledge-distillation phase."""
 
     kd_teacher_load: str | None = None
-    """Checkpoint directory of the teacher; None trains without distillation."""
+    """Checkpoint directory of the teacher (ours, tools/import_hf.py's, or a Megatron-LM
+    torch_dist one); None trains without distillation."""
+    kd_teacher_tokenizer_model: str | None = None
+    """The tokenizer a Megatron-LM teacher was trained with, when the --tokenizer-model saved in
+    its args is not readable here; it must be the student's tokenizer (same fingerprint)."""
     kd_steps: int = 0
     """Length of the KD phase in optimizer steps (n_kd); 0 disables it."""
     kd_weight: float = 0.5
@@ -222,13 +281,18 @@ class DataConfig:
     data_cache_path: str | None = None
     """Directory for the dataset index caches (default: beside the data)."""
     tokenizer_model: str | None = None
-    """Path of the sentencepiece model."""
+    """The tokenizer: a sentencepiece .model file, or a Hugging Face tokenizer folder or its
+    tokenizer.json."""
+    tokenizer_type: Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"] | None = None
+    """Kind of --tokenizer-model (Megatron-LM's names); None infers it: a .model file is
+    sentencepiece, a folder or a .json file Hugging Face."""
     mock_data: bool = False
     """Train on megatron-core's synthetic mock GPT dataset (no files needed)."""
     seq_length: int = 256
     """Tokens per training sequence."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank that read and collate micro-batches (0: on the
+    training thread). On GPUs batches are also collated into pinned memory."""
 
     def __post_init__(self) -> None:
         _positive(self, "", "seq_length")
@@ -256,8 +320,13 @@ class OptimConfig:
     """Linear warm-up steps from 0 to --lr."""
     lr_decay_iters: int | None = None
     """Steps over which the LR decays; None means --train-iters."""
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    """Shape of the decay after warm-up."""
+    lr_decay_style: Literal["cosine", "linear", "constant", "WSD"] = "cosine"
+    """Shape of the decay after warm-up; WSD (warmup-stable-decay) holds --lr until the last
+    --lr-wsd-decay-iters of --lr-decay-iters, then anneals to --min-lr."""
+    lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = "exponential"
+    """Shape of WSD's final anneal."""
+    lr_wsd_decay_iters: int | None = None
+    """Length of WSD's final anneal in steps (needed by --lr-decay-style WSD)."""
     weight_decay: float = 0.1
     """Decoupled weight decay (AdamW)."""
     adam_beta1: float = 0.9
@@ -270,7 +339,11 @@ class OptimConfig:
     """Global gradient-norm clipping threshold (0 disables)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "", "lr", "adam_eps", "lr_decay_iters")
+        _positive(self, "", "lr", "adam_eps", "lr_decay_iters", "lr_wsd_decay_iters")
+        _check(
+            self.lr_decay_style != "WSD" or self.lr_wsd_decay_iters is not None,
+            "--lr-decay-style WSD needs --lr-wsd-decay-iters",
+        )
         _check(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}")
         _check(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
         _check(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
@@ -310,10 +383,27 @@ class TrainingConfig:
     """Save and exit after this many minutes of training."""
     skip_nonfinite_steps: int = 0
     """Skip up to this many steps with a non-finite loss or grad norm instead of halting."""
+    rampup_batch_size: list[int] | None = None
+    """Batch-size ramp-up 'start increment samples' (megatron's calculator): the global batch
+    starts at start and grows by increment, evenly over the first samples samples. Steps stay
+    steps: --train-iters, the LR schedule, the KD phase and its schedule count optimizer steps."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recomputation: full (whole layers, see --recompute-method) or selective (the
+    --recompute-modules of every layer). None keeps all activations."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """Full recompute: uniform (every layer, in groups of --recompute-num-layers that keep only
+    their input) or block (only the first --recompute-num-layers layers of each pipeline chunk)."""
+    recompute_num_layers: int | None = None
+    """Layers per recompute group (uniform) or recomputed layers per chunk (block)."""
+    recompute_modules: list[str] | None = None
+    """Selective recompute: submodules recomputed in backward, of core_attn, mlp, layernorm;
+    None: core_attn."""
+
+    RECOMPUTE_MODULES: ClassVar[tuple[str, ...]] = ("core_attn", "mlp", "layernorm")
 
     def __post_init__(self) -> None:
         _positive(self, "", "micro_batch_size", "global_batch_size", "train_iters", "eval_iters")
-        _positive(self, "", "exit_interval", "exit_duration_in_mins")
+        _positive(self, "", "exit_interval", "exit_duration_in_mins", "recompute_num_layers")
         _check(self.eval_interval >= 0, "--eval-interval must be >= 0")
         _check(self.skip_nonfinite_steps >= 0, "--skip-nonfinite-steps must be >= 0")
         _check(
@@ -321,6 +411,56 @@ class TrainingConfig:
             f"--global-batch-size {self.global_batch_size} is not divisible by "
             f"--micro-batch-size {self.micro_batch_size}",
         )
+        self._check_rampup()
+        self._check_recompute()
+
+    def _check_rampup(self) -> None:
+        if self.rampup_batch_size is None:
+            return
+        ramp = self.rampup_batch_size
+        _check(len(ramp) == 3, f"--rampup-batch-size takes start increment samples, got {ramp}")
+        start, increment, samples = ramp
+        _check(
+            0 < start < self.global_batch_size and increment > 0 and samples >= 0,
+            f"--rampup-batch-size {start} {increment} {samples}: needs 0 < start < "
+            f"--global-batch-size {self.global_batch_size}, increment > 0, samples >= 0",
+        )
+        _check(
+            (self.global_batch_size - start) % increment == 0,
+            f"--rampup-batch-size: --global-batch-size {self.global_batch_size} minus the start "
+            f"{start} is not a multiple of the increment {increment}",
+        )
+
+    def ramp_batch_sizes(self) -> list[int]:
+        """Every global batch size a step can have: the ramp-up's, then --global-batch-size."""
+        if self.rampup_batch_size is None:
+            return [self.global_batch_size]
+        start, increment, _ = self.rampup_batch_size
+        return list(range(start, self.global_batch_size + 1, increment))
+
+    def _check_recompute(self) -> None:
+        granularity, method = self.recompute_granularity, self.recompute_method
+        if granularity == "full":
+            _check(
+                method is not None and self.recompute_num_layers is not None,
+                "--recompute-granularity full needs --recompute-method and --recompute-num-layers",
+            )
+        else:
+            _check(
+                method is None and self.recompute_num_layers is None,
+                "--recompute-method and --recompute-num-layers need --recompute-granularity full",
+            )
+        if self.recompute_modules is not None:
+            _check(
+                granularity == "selective",
+                "--recompute-modules needs --recompute-granularity selective",
+            )
+            unknown = sorted(set(self.recompute_modules) - set(self.RECOMPUTE_MODULES))
+            _check(
+                not unknown and len(self.recompute_modules) > 0,
+                f"--recompute-modules: {unknown or 'empty'}; choose from "
+                f"{list(self.RECOMPUTE_MODULES)}",
+            )
 
 
 @dataclass
@@ -339,6 +479,14 @@ class CheckpointConfig:
     """Signal that makes every rank finish its step, save and exit 0."""
     fallback_to_previous: bool = False
     """If the latest checkpoint is corrupt, load the previous complete one instead of failing."""
+    async_save: bool = False
+    """Write checkpoints in a background process (megatron-core's async machinery); a save is
+    marked complete (renamed, tracker updated) only once every rank has written it."""
+    ckpt_fully_reshardable: bool = False
+    """Save the distributed optimizer's state in the layout-portable fully_reshardable form
+    (gathered per data-parallel group: slow and memory-hungry) instead of dp_reshardable, which
+    every rank writes in parallel but which resumes only at the same TP, PP and virtual PP (and
+    DP only while the gradient buckets stay alike)."""
 
     def __post_init__(self) -> None:
         _check(self.save_interval >= 0, "--save-interval must be >= 0")
@@ -347,7 +495,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console and TensorBoard."""
+    """Console, TensorBoard, Weights & Biases, memory and profiling."""
 
     log_interval: int = 10
     """Steps between console lines and TensorBoard scalars."""
@@ -355,9 +503,40 @@ class LoggingConfig:
     """Write TensorBoard event files here (rank 0 of the last stage)."""
     metrics_file: str | None = None
     """Append every logged scalar as a JSON line {"step", "group", name: value} to this file."""
+    wandb_project: str | None = None
+    """Weights & Biases project: log the TensorBoard scalars and the run config there, from the
+    logging rank (needs the `wandb` extra; `WANDB_MODE=offline` writes the run locally)."""
+    wandb_exp_name: str = ""
+    """Weights & Biases run name (required with --wandb-project, as in Megatron-LM)."""
+    wandb_save_dir: str = ""
+    """Directory for the local Weights & Biases files; empty: `<--save>/wandb`."""
+    log_memory: bool = False
+    """Log each rank's peak memory per logging window: allocated and reserved on GPU, resident
+    set on CPU (console: the largest rank; TensorBoard: every rank)."""
+    profile: bool = False
+    """Record a torch.profiler Chrome trace of steps --profile-step-start to --profile-step-end."""
+    profile_step_start: int = 10
+    """First profiled step (0-based global step index)."""
+    profile_step_end: int = 12
+    """Profiling stops before this step."""
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    """Global ranks that record a trace."""
+    profile_dir: str | None = None
+    """Directory of the traces (trace_rank<r>_steps<a>-<b>.json); None: --tensorboard-dir, else
+    ./profile."""
 
     def __post_init__(self) -> None:
         _positive(self, "", "log_interval")
+        _check(
+            not self.wandb_project or bool(self.wandb_exp_name),
+            "--wandb-project needs --wandb-exp-name (the run's name)",
+        )
+        _check(
+            0 <= self.profile_step_start < self.profile_step_end,
+            f"--profile-step-start {self.profile_step_start} must be >= 0 and below "
+            f"--profile-step-end {self.profile_step_end}",
+        )
+        _check(len(self.profile_ranks) > 0, "--profile-ranks needs at least one rank")
 
 
 @dataclass
@@ -400,6 +579,30 @@ class SaltConfig:
             self.data.mock_data or bool(self.data.data_path),
             "--data-path is required unless --mock-data is set",
         )
+        _check(
+            not par.grad_reduce_in_bf16 or self.training.bf16,
+            "--grad-reduce-in-bf16 needs --bf16 (float32 training reduces float32 gradients)",
+        )
+        _check(
+            "layernorm" not in (self.training.recompute_modules or [])
+            or self.model.transformer_impl == "transformer_engine",
+            "--recompute-modules layernorm needs --transformer-impl transformer_engine "
+            "(megatron-core's output-discarding checkpoint imports Transformer Engine)",
+        )
+        decay_iters = self.optim.lr_decay_iters or self.training.train_iters
+        wsd = self.optim.lr_wsd_decay_iters
+        _check(
+            wsd is None or wsd <= decay_iters,
+            f"--lr-wsd-decay-iters {wsd} exceeds the {decay_iters} steps of the decay "
+            "(--lr-decay-iters, else --train-iters)",
+        )
+        per_chunk, n = self.model.num_layers // stages, self.training.recompute_num_layers
+        _check(
+            n is None or (n <= per_chunk and (self.training.recompute_method == "block"
+                                              or per_chunk % n == 0)),
+            f"--recompute-num-layers {n} must be at most the {per_chunk} layers of a pipeline "
+            "chunk (and divide them with --recompute-method uniform)",
+        )  # fmt: skip
 
     def validate_world(self, world_size: int) -> None:
         """Checks that need the world size (before any process group starts)."""
@@ -411,20 +614,20 @@ class SaltConfig:
         )
         dp = world_size // mp
         tr = self.training
-        _check(
-            tr.global_batch_size % (tr.micro_batch_size * dp) == 0,
-            f"--global-batch-size {tr.global_batch_size} is not divisible by --micro-batch-size "
-            f"{tr.micro_batch_size} x data-parallel size {dp}",
-        )
         vpp = self.parallel.virtual_pipeline_model_parallel_size
-        if vpp is not None:
-            n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
-            pp = self.parallel.pipeline_model_parallel_size
+        pp = self.parallel.pipeline_model_parallel_size
+        ramp = "--global-batch-size" if tr.rampup_batch_size is None else "ramp-up batch size"
+        for gbs in tr.ramp_batch_sizes():
             _check(
-                n_micro % pp == 0,
-                f"--global-batch-size {tr.global_batch_size}: the interleaved schedule needs the "
-                f"{n_micro} micro-batches per step to be a multiple of "
-                f"--pipeline-model-parallel-size {pp}",
+                gbs % (tr.micro_batch_size * dp) == 0,
+                f"{ramp} {gbs} is not divisible by --micro-batch-size "
+                f"{tr.micro_batch_size} x data-parallel size {dp}",
+            )
+            n_micro = gbs // (tr.micro_batch_size * dp)
+            _check(
+                vpp is None or n_micro % pp == 0,
+                f"{ramp} {gbs}: the interleaved schedule needs the {n_micro} micro-batches per "
+                f"step to be a multiple of --pipeline-model-parallel-size {pp}",
             )
 
     def data_parallel_size(self, world_size: int) -> int:

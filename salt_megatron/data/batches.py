@@ -4,6 +4,11 @@ The order of samples depends only on the dataset (whose shuffling is seeded) and
 samples consumed, so a run resumed from ``consumed_samples`` sees exactly the batches it would have
 seen. Every tensor-parallel rank reads the same micro-batch (no broadcast is needed); only the
 pipeline stages that use data (first: tokens; last: labels and mask) get an iterator.
+
+With ``num_workers > 0`` a ``torch.utils.data.DataLoader`` reads and collates micro-batches in
+worker processes (in order: the sampler fixes which samples each batch holds), and with
+``pin_memory`` it copies them into page-locked memory, so the copy to the GPU
+(:func:`to_device`, ``non_blocking``) overlaps the step instead of stalling it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from salt_megatron.data.teacher_targets import TARGET_KEYS
 
@@ -52,8 +58,27 @@ def collate(samples: Sequence[dict[str, Any]]) -> Batch:
     return batch
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Copy a micro-batch to ``device`` (asynchronously from pinned host memory)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class _BatchSampler:
+    """The index lists of :func:`sample_indices` as a DataLoader ``batch_sampler`` (endless)."""
+
+    def __init__(self, *args: int) -> None:
+        self.args = args
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return sample_indices(*self.args)
+
+
 class MicroBatchIterator:
-    """Iterator of this rank's micro-batches that counts what it consumed (for resumption)."""
+    """This rank's micro-batches, in the resumable order of :func:`sample_indices`.
+
+    ``num_workers``: DataLoader worker processes (0: read on the calling thread);
+    ``pin_memory``: collate into page-locked memory (set it when the batches go to a GPU).
+    """
 
     def __init__(
         self,
@@ -62,19 +87,33 @@ class MicroBatchIterator:
         dp_rank: int,
         dp_size: int,
         consumed_samples: int = 0,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
         self.dataset = dataset
-        self._indices = sample_indices(
-            consumed_samples, micro_batch_size, dp_rank, dp_size, len(dataset)
-        )
+        sampler = _BatchSampler(consumed_samples, micro_batch_size, dp_rank, dp_size, len(dataset))
+        self.loader: DataLoader | None = None
+        if num_workers > 0 or pin_memory:
+            self.loader = DataLoader(
+                dataset,
+                batch_sampler=sampler,  # type: ignore[arg-type]
+                collate_fn=collate,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                persistent_workers=num_workers > 0,
+            )
+            self._batches: Iterator[Batch] = iter(self.loader)
+        else:
+            self._batches = (collate([dataset[i] for i in idx]) for idx in sampler)
 
     def __iter__(self) -> MicroBatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        return collate([self.dataset[i] for i in next(self._indices)])
+        return next(self._batches)
 
 
 def stage_iterators(
@@ -84,15 +123,20 @@ def stage_iterators(
     dp_size: int,
     consumed_samples: int,
     chunk_uses_data: Sequence[bool],
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> list[MicroBatchIterator | None]:
     """One iterator per model chunk that needs data (first or last stage), None for the others.
 
     Each chunk gets its own iterator over the same sample order: the interleaved schedule pulls
     micro-batches for different chunks at different times.
     """
-    return [
-        MicroBatchIterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples)
-        if uses
-        else None
-        for uses in chunk_uses_data
-    ]
+
+    def make() -> MicroBatchIterator:
+        return MicroBatchIterator(
+            dataset, micro_batch_size, dp_rank, dp_size, consumed_samples,
+            num_workers=num_workers, pin_memory=pin_memory,
+        )  # fmt: skip
+
+    return [make() if uses else None for uses in chunk_uses_data]

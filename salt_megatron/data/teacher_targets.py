@@ -163,6 +163,8 @@ def write_shard(
     if ids_snk.shape[:2] != (count, spec.seq_length) or ids_snk.shape != logq_snk.shape:
         raise ValueError(f"shard {shard}: got {ids_snk.shape}, expected ({count}, "
                          f"{spec.seq_length}, k)")  # fmt: skip
+    if checksums_s.dtype != np.uint64:  # Python ints above 2**63 make numpy pick float64
+        raise TypeError(f"shard {shard}: checksums must be uint64, got {checksums_s.dtype}")
     kept_snk = ids_snk >= 0
     final = shard_dir(root, shard)
     tmp = f"{final}.tmp{os.getpid()}"
@@ -172,7 +174,7 @@ def write_shard(
     np.save(os.path.join(tmp, "ids.npy"), ids_snk[kept_snk].astype(np.int32))
     np.save(os.path.join(tmp, "logprobs.npy"), logq_snk[kept_snk].astype(np.float16))
     np.save(os.path.join(tmp, "residual.npy"), resid_sn.astype(np.float32))
-    np.save(os.path.join(tmp, "checksums.npy"), checksums_s.astype(np.uint64))
+    np.save(os.path.join(tmp, "checksums.npy"), checksums_s)
     record = {"start": start, "count": count, "tokens": int(kept_snk[..., 0].size),
               "kept": int(kept_snk.sum())}  # fmt: skip
     with open(os.path.join(tmp, SHARD_FILE), "w") as f:

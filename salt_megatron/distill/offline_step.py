@@ -11,7 +11,7 @@ does); earlier stages run the plain student forward.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -21,7 +21,10 @@ from salt_megatron.config.schema import DistillConfig
 from salt_megatron.data.batches import Batch
 from salt_megatron.distill.step import reduce_kd_losses
 from salt_megatron.loss import sparse_kd_cross_entropy
-from salt_megatron.training.step import LossFunc, read_batch, reduce_token_losses, stage_inputs
+from salt_megatron.loss.contract import LossFunc, reduce_token_losses
+from salt_megatron.models.stage import read_batch, stage_inputs
+from salt_megatron.runtime import device
+from salt_megatron.runtime.timing import DeviceTimer
 
 
 @dataclass
@@ -29,14 +32,14 @@ class OfflineKDForwardStep:
     """Forward step of the KD phase on stored targets (``weight`` is set per optimizer step).
 
     ``vocab_size`` is the true vocabulary size (the residual is spread below it). There is no
-    teacher: ``teacher`` is None and ``teacher_seconds`` stays 0.
+    teacher: ``teacher`` is None and ``teacher_timer`` times nothing.
     """
 
     distill: DistillConfig
     tp_group: Any
     vocab_size: int
     weight: float = 0.0
-    teacher_seconds: float = 0.0
+    teacher_timer: DeviceTimer = field(default_factory=lambda: DeviceTimer(device()))
     teacher: Any = None
 
     def __call__(

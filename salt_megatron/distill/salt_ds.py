@@ -58,16 +58,17 @@ def token_losses_and_topk(
 
 
 def sequence_scores(losses_bs: torch.Tensor, in_topk_bs: torch.Tensor) -> torch.Tensor:
-    """Median loss over each sequence's learnable tokens ``[b]`` (NaN where there are none).
+    """Median loss over each sequence's learnable tokens: float64 ``[b]``, NaN where none.
 
     The median of an even count is the mean of the two middle values (numpy's convention).
+    Computed where the inputs live (sort and gather; no host read).
     """
-    values = torch.where(in_topk_bs, losses_bs.double(), torch.nan).cpu().numpy()
-    counts = in_topk_bs.sum(-1).cpu().numpy()
-    medians = np.full(values.shape[0], np.nan)
-    rows = counts > 0
-    medians[rows] = np.nanmedian(values[rows], axis=-1)
-    return torch.from_numpy(medians)
+    values_bs = torch.where(in_topk_bs, losses_bs.double(), torch.inf).sort(dim=-1).values
+    count_b = in_topk_bs.sum(-1)
+    lower_b = ((count_b - 1).clamp(min=0) // 2).unsqueeze(-1)
+    upper_b = (count_b // 2).clamp(max=values_bs.shape[-1] - 1).unsqueeze(-1)
+    median_b = (values_bs.gather(-1, lower_b) + values_bs.gather(-1, upper_b)).squeeze(-1) / 2
+    return torch.where(count_b > 0, median_b, torch.nan)
 
 
 def select_band(

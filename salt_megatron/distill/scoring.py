@@ -1,9 +1,11 @@
 """Run the teacher over a dataset on all ranks and write each sequence's SALT_DS score.
 
 Data parallel over sequences (DP rank r scores the micro-batches r, r + dp, ...), tensor parallel
-inside the teacher. Progress is saved every few batches to a per-rank partial file (scores and a
-"done" mask), so a killed job resumes where it stopped; rank 0 merges the partials at the end into
-``<out>.npy`` (float64 scores, NaN = no learnable token) and ``<out>.json`` (what was scored).
+inside the teacher. Scores stay on the device until a save: every ``save_every`` batches one copy
+to the host, and TP rank 0 of each replica (its peers hold the same scores) writes them to the
+replica's partial file (scores and a "done" mask), so a killed job resumes where it stopped;
+rank 0 merges the partials at the end into ``<out>.npy`` (float64 scores, NaN = no learnable
+token) and ``<out>.json`` (what was scored).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from salt_megatron.data.batches import collate
+from salt_megatron.data.batches import collate, to_device
 from salt_megatron.distill.salt_ds import sequence_scores, token_losses_and_topk
+from salt_megatron.runtime import device
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class ScoreSpec:
     num_samples: int
     tokenizer_model: str
     teacher: str
+    tokenizer_type: str | None = None
 
 
 def _save_atomic(path: str, **arrays: np.ndarray) -> None:
@@ -64,27 +68,43 @@ def score_dataset(
     n = len(dataset)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     partial = f"{out}.rank{dp_rank}.npz"
+    writer = tp_group is None or dist.get_rank(group=tp_group) == 0
     scores, done = _load_partial(partial, n)
     batches = [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
-    mine = batches[dp_rank::dp_size]
-    todo = [b for b in mine if not done[b].all()]
+    todo = [b for b in batches[dp_rank::dp_size] if not done[b].all()]
+    pending: list[tuple[list[int], torch.Tensor]] = []
     show = dist.get_rank() == 0
     for i, idx in enumerate(tqdm(todo, desc="scoring", disable=not show, unit="batch")):
-        batch = collate([dataset[j] for j in idx])
+        batch = to_device(collate([dataset[j] for j in idx]), device())
         logits_sbv = teacher.student_layout_logits(batch["tokens"], batch["position_ids"])
         loss_bs, member_bs = token_losses_and_topk(
             logits_sbv.transpose(0, 1), batch["labels"], spec.top_k, tp_group
         )
         member_bs &= batch["loss_mask"] > 0
-        scores[idx] = sequence_scores(loss_bs, member_bs).numpy()
-        done[idx] = True
+        pending.append((idx, sequence_scores(loss_bs, member_bs)))
         if (i + 1) % save_every == 0:
-            _save_atomic(partial, scores=scores, done=done)
-    _save_atomic(partial, scores=scores, done=done)
+            _flush(pending, scores, done)
+            if writer:
+                _save_atomic(partial, scores=scores, done=done)
+    _flush(pending, scores, done)
+    if writer:
+        _save_atomic(partial, scores=scores, done=done)
     dist.barrier()
     if dist.get_rank() != 0:
         return None
     return _merge(out, n, dp_size, spec)
+
+
+def _flush(
+    pending: list[tuple[list[int], torch.Tensor]], scores: np.ndarray, done: np.ndarray
+) -> None:
+    """Copy the scores computed since the last flush to the host (one transfer), mark them done."""
+    if not pending:
+        return
+    idx = [i for rows, _ in pending for i in rows]
+    scores[idx] = torch.cat([s for _, s in pending]).cpu().numpy()
+    done[idx] = True
+    pending.clear()
 
 
 def _merge(out: str, n: int, dp_size: int, spec: ScoreSpec) -> np.ndarray:

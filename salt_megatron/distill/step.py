@@ -15,7 +15,6 @@ and the teacher's ``[s, b, V/tp]`` logits need no copy.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,7 +25,10 @@ import torch
 from salt_megatron.config.schema import DistillConfig
 from salt_megatron.data.batches import Batch
 from salt_megatron.loss import KDStats, kd_cross_entropy
-from salt_megatron.training.step import LossFunc, read_batch, reduce_token_losses, stage_inputs
+from salt_megatron.loss.contract import LossFunc, reduce_token_losses
+from salt_megatron.models.stage import read_batch, stage_inputs
+from salt_megatron.runtime import device
+from salt_megatron.runtime.timing import DeviceTimer
 
 
 def reduce_kd_losses(
@@ -40,23 +42,19 @@ def reduce_kd_losses(
 class KDForwardStep:
     """Callable forward step for megatron's schedules during the KD phase.
 
-    ``weight`` is set by the trainer before each optimizer step; ``teacher_seconds`` accumulates
-    the wall-clock time of teacher forwards (synchronised on GPU) for the time-share metric.
+    ``weight`` is set by the trainer before each optimizer step; ``teacher_timer`` times the
+    teacher forwards (CUDA events on GPU: no host sync per micro-batch) for the time-share metric.
     """
 
     teacher: Any
     distill: DistillConfig
     tp_group: Any
     weight: float = 0.0
-    teacher_seconds: float = field(default=0.0)
+    teacher_timer: DeviceTimer = field(default_factory=lambda: DeviceTimer(device()))
 
     def _teacher_logits_sbv(self, batch: Batch) -> torch.Tensor:
-        start = time.perf_counter()
-        logits_sbv = self.teacher.student_layout_logits(batch["tokens"], batch["position_ids"])
-        if logits_sbv.is_cuda:
-            torch.cuda.synchronize()
-        self.teacher_seconds += time.perf_counter() - start
-        return logits_sbv
+        with self.teacher_timer.time():
+            return self.teacher.student_layout_logits(batch["tokens"], batch["position_ids"])
 
     def __call__(
         self, data_iterator: Iterator[Batch] | None, model: torch.nn.Module

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from salt_megatron.data.batches import collate
+from salt_megatron.data.batches import collate, to_device
 from salt_megatron.data.teacher_targets import (
     SHARD_FILE,
     TargetSpec,
@@ -29,7 +29,7 @@ from salt_megatron.data.teacher_targets import (
     shard_done,
     write_shard,
 )
-from salt_megatron.training.step import to_device
+from salt_megatron.runtime import device
 
 _ROW_CHUNK_ELEMS = 1 << 25
 
@@ -119,7 +119,7 @@ def _shard_targets(
         rows = slice(b0, min(b0 + micro_batch_size, count))
         samples = [dataset[start + j] for j in range(rows.start, rows.stop)]
         checksums[rows] = [sample_checksum(x) for x in samples]
-        batch = to_device(collate(samples))
+        batch = to_device(collate(samples), device())
         logits_sbv = teacher.student_layout_logits(batch["tokens"], batch["position_ids"])
         s, b, width = logits_sbv.shape
         logits_nv = logits_sbv.reshape(s * b, width)

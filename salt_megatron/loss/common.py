@@ -123,7 +123,7 @@ def with_leading_shape(
 
 def chunk_elems(device: torch.device) -> int:
     """Elements per row chunk of the PyTorch sweeps on ``device``."""
-    if device.type == "cuda":
+    if device.type != "cpu":
         return GPU_CHUNK_ELEMS
     return CPU_CHUNK_ELEMS * max(1, min(torch.get_num_threads(), 8))
 

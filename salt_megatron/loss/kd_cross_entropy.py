@@ -16,9 +16,13 @@ Parallelism: each rank of ``tp_group`` holds the contiguous vocabulary columns
 ``[rank * Vl, (rank + 1) * Vl)`` of both models. The forward runs one local sweep that computes
 per-row maxima and partial sums relative to the *local* maxima, then exactly two collectives:
 
-1. ``all_reduce(MAX)`` of ``[max s, max t]`` per row plus ``[Vl, -Vl]`` (detects unequal shards),
+1. ``all_reduce(MAX)`` of ``[max s, max t]`` per row,
 2. ``all_reduce(SUM)`` of the partial sums rescaled to the global maxima (``exp(m_local - M)``):
    ``[Z_s(T), Z_t(T), sum e^{(t-Mt)/T} (s-Ms)/T, s_y, Z_s(1) if T != 1, top-1 bits if stats]``.
+
+Shards must be equally wide: :func:`check_shard_widths` checks it once, at set-up (a check per
+call would read a device value on the host every micro-batch). The forward reads nothing back
+to the host: no ``.item()``, no synchronisation.
 
 The forward writes the full gradient (for a unit upstream gradient) chunk-wise into a buffer of
 the student's dtype, computing every exponential once (no communication after the second
@@ -117,14 +121,8 @@ def _merge_row_stats(
             agree_n = torch.eq(local.sarg_n, local.targ_n).float()  # type: ignore[arg-type]
         return torch.stack([local.smax_n, local.tmax_n]), sums_kn, agree_n
     n_rows = sy_n.numel()
-    widths_2 = torch.tensor([width, -width], dtype=torch.float32, device=sy_n.device)
-    max_m = torch.cat([local.smax_n, local.tmax_n, widths_2])
+    max_m = torch.cat([local.smax_n, local.tmax_n])
     dist.all_reduce(max_m, op=dist.ReduceOp.MAX, group=cfg.group)  # collective 1 of 2
-    if max_m[-2].item() != -max_m[-1].item():
-        raise ValueError(
-            f"kd_cross_entropy: vocabulary shards differ in width across the TP group "
-            f"(max {max_m[-2].item():.0f}, min {-max_m[-1].item():.0f}); pad the vocabulary"
-        )
     smax_n, tmax_n = max_m[:n_rows], max_m[n_rows : 2 * n_rows]
     dsmax_n = local.smax_n - smax_n
     alpha_s_n = torch.exp(dsmax_n * inv_t)
@@ -247,6 +245,24 @@ def _check_inputs(
         raise ValueError(f"labels {tuple(labels.shape)} must have the leading logits shape")
     if loss_mask is not None and loss_mask.shape != labels.shape:
         raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the labels' shape")
+
+
+def check_shard_widths(width: int, tp_group: Any, device: torch.device) -> None:
+    """Raise ``ValueError`` unless every rank of ``tp_group`` holds ``width`` vocabulary columns.
+
+    Collective over ``tp_group`` (on ``device``, the group's backend device) with a host read:
+    call it once when the layout is set up, not per micro-batch. No-op without TP.
+    """
+    if tp_group is None or dist.get_world_size(group=tp_group) == 1:
+        return
+    widths = torch.tensor([width, -width], dtype=torch.float64, device=device)
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=tp_group)
+    high, low = widths.tolist()
+    if high != -low:
+        raise ValueError(
+            f"kd_cross_entropy: vocabulary shards differ in width across the TP group "
+            f"(max {high:.0f}, min {-low:.0f}); pad the vocabulary"
+        )
 
 
 @overload

@@ -287,7 +287,7 @@ def scale_rows_(grad_nv: torch.Tensor, scale_n: torch.Tensor, chunk_elems: int) 
     go through float32 scratch chunks (mixed-dtype broadcasting multiplies are slow on CPU).
     """
     scale_n = scale_n.float()
-    if grad_nv.is_cuda or scale_n.numel() == 0:  # one fused kernel; no host sync
+    if grad_nv.device.type != "cpu" or scale_n.numel() == 0:  # one kernel; no host read
         grad_nv.mul_(scale_n.unsqueeze(-1))
         return
     first = scale_n[0]

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.utils import get_pg_rank
 
+from salt_megatron import runtime
 from salt_megatron.config.schema import ModelConfig
 
 
@@ -52,7 +53,10 @@ class LocalNorm:
         cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any
     ) -> torch.nn.Module:
         norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
-        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        # Where megatron's own layers put their weights: the current GPU unless initialising on
+        # the CPU (the layers are then moved with the model).
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype, device=device)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
         return norm
@@ -86,9 +90,20 @@ def _local_block_spec(
     pp_rank: int | None,
     init_seed: int,
 ) -> TransformerBlockSubmodules:
-    layer = get_gpt_layer_local_spec(normalization=model.normalization)
+    layer = get_gpt_layer_local_spec(
+        normalization=model.normalization, qk_layernorm=model.qk_layernorm
+    )
+    attention = layer.submodules.self_attention
+    if model.qk_layernorm:
+        qk_norms = {"q_layernorm": LocalNorm, "k_layernorm": LocalNorm}
+        attention = dataclasses.replace(
+            attention, submodules=dataclasses.replace(attention.submodules, **qk_norms)
+        )
     subs = dataclasses.replace(
-        layer.submodules, input_layernorm=LocalNorm, pre_mlp_layernorm=LocalNorm
+        layer.submodules,
+        input_layernorm=LocalNorm,
+        pre_mlp_layernorm=LocalNorm,
+        self_attention=attention,
     )
     layer = ModuleSpec(
         module=SeededTransformerLayer,
@@ -114,7 +129,7 @@ def layer_spec(
                 "cannot be imported; install it (pip install 'salt-megatron[gpu]' or the NVIDIA "
                 "PyTorch container) or use --transformer-impl local"
             )
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     return _local_block_spec(model, config, vp_stage, pp_rank, init_seed)
 
 
@@ -130,15 +145,23 @@ def build_gpt(
     pg_collection: ProcessGroupCollection | None = None,
     pp_rank: int | None = None,
     init_seed: int = 0,
+    device: torch.device | None = None,
 ) -> GPTModel:
-    """One GPT model chunk with vocab-parallel output logits ``[s, b, V/tp]``.
+    """One GPT model chunk with vocab-parallel output logits ``[s, b, V/tp]``, on ``device``.
 
     ``pg_collection`` builds the model on explicit process groups (the teacher's); None uses
     megatron's global parallel state (the student's). Weights are seeded from ``init_seed``
     (embeddings) and per layer (see :class:`SeededTransformerLayer`): the same at any layout.
+
+    Every parameter and buffer ends on ``device`` (default: this rank's, see
+    :func:`salt_megatron.runtime.device`) in ``config.params_dtype``: megatron places its own
+    layers, but plain ``torch.nn`` modules inside the model (the learned position embedding)
+    are built on the host in float32. Megatron-LM fixes both with ``model.cuda()`` and its
+    ``Float16Module``; this is the same cast without the wrapper (bf16 with learned absolute
+    positions would otherwise feed float32 activations to the first bf16 linear layer).
     """
     torch.manual_seed(init_seed)
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, config, vp_stage, pp_rank, init_seed),
         vocab_size=padded_vocab_size,
@@ -149,6 +172,10 @@ def build_gpt(
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type=model.position_embedding_type,
         rotary_base=model.rotary_base,
+        rope_scaling=model.use_rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
+        seq_len_interpolation_factor=model.rotary_seq_len_interpolation_factor,
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    return gpt.to(device=device or runtime.device(), dtype=config.params_dtype)

@@ -3,9 +3,12 @@
 The teacher lives on the ranks of the student's last pipeline stage, with PP = 1 and its own
 tensor-parallel size ``t`` (a divisor of the student's ``s``). Inside each last-stage student TP
 group ``[g_0 .. g_{s-1}]`` the teacher TP groups are consecutive runs of ``t`` ranks
-(``[g_0 .. g_{t-1}]``, ``[g_t .. g_{2t-1}]``, ...). The teacher's data-parallel ("replica")
-group joins the teacher ranks holding the same teacher shard: it gives dist-checkpointing unique
-replica ids (one main replica per shard) when loading.
+(``[g_0 .. g_{t-1}]``, ``[g_t .. g_{2t-1}]``, ...): ``k = s / t`` teacher replicas. The teacher's
+data-parallel ("replica") group joins the teacher ranks holding the same teacher shard: it gives
+dist-checkpointing unique replica ids (one main replica per shard) when loading. The *gather*
+group joins, inside one student TP group, the ``k`` ranks of equal teacher TP rank (one per
+replica): each replica computes the final hidden states of its share of a micro-batch's
+sequences, and this group all-gathers them (see :mod:`salt_megatron.parallel.teacher_exchange`).
 
 ``torch.distributed.new_group`` is collective over the world: :func:`build_teacher_groups` is
 called by *every* rank (including ranks of other pipeline stages, which belong to no teacher
@@ -31,6 +34,12 @@ class TeacherGroups:
     pgs: ProcessGroupCollection | None
     owned: list[Any] = field(default_factory=list)
     """Groups this rank belongs to and must destroy on release."""
+    gather: Any = None
+    """The ``k`` ranks of this rank's teacher TP rank across the replicas of its student TP
+    group, in replica order; None when ``k == 1``."""
+    student_group_index: int = 0
+    """Index of this rank's student TP group among the last stage's (a unique replica id for
+    shards that every student TP group loads alike)."""
 
     @property
     def holds_teacher(self) -> bool:
@@ -81,8 +90,13 @@ def build_teacher_groups(
             raise ValueError(f"teacher TP {teacher_tp} does not divide student TP {len(ranks)}")
         tp_groups += [ranks[i : i + teacher_tp] for i in range(0, len(ranks), teacher_tp)]
     replica_groups = [[g[j] for g in tp_groups] for j in range(teacher_tp)]
-    owned: list[Any] = []
-    my_tp = my_dp = None
+    replicas = len(student_groups[0]) // teacher_tp if student_groups else 1
+    gather_groups = [
+        [ranks[i * teacher_tp + j] for i in range(replicas)]
+        for ranks in student_groups
+        for j in range(teacher_tp)
+    ]
+    my_tp = my_dp = my_gather = None
     for ranks in tp_groups:
         group = dist.new_group(ranks)
         if me in ranks:
@@ -91,12 +105,18 @@ def build_teacher_groups(
         group = dist.new_group(ranks)
         if me in ranks:
             my_dp = group
+    if replicas > 1:
+        for ranks in gather_groups:
+            group = dist.new_group(ranks)
+            if me in ranks:
+                my_gather = group
     if my_tp is None or my_dp is None:
         return TeacherGroups(teacher_tp, 0, None)
     single = dist.new_group([me], use_local_synchronization=True)
-    owned = [my_tp, my_dp, single]
+    owned = [g for g in (my_tp, my_dp, my_gather, single) if g is not None]
     pgs = ProcessGroupCollection(
         tp=my_tp, pp=single, cp=single, embd=single, pos_embd=single,
         tp_cp=my_tp, mp=my_tp, dp=my_dp, dp_cp=my_dp,
     )  # fmt: skip
-    return TeacherGroups(teacher_tp, tp_rank, pgs, owned)
+    index = next(i for i, ranks in enumerate(student_groups) if me in ranks)
+    return TeacherGroups(teacher_tp, tp_rank, pgs, owned, my_gather, index)

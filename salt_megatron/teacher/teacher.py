@@ -2,9 +2,15 @@
 
 Lifecycle (design and trade-offs in ``docs/teacher.md``)::
 
-    teacher = Teacher.build(cfg, ...)          # every rank (collective); None off the last stage
+    teacher = Teacher.build(cfg, ..., device=device())  # every rank (collective); None off the
+                                                        # last stage
     logits_sbv = teacher.student_layout_logits(tokens_bs, position_ids_bs)   # per micro-batch
     freed = teacher.release()                   # end of the KD phase, every teacher rank
+
+Per micro-batch (:mod:`salt_megatron.parallel.teacher_exchange`): each teacher replica inside a
+student TP group runs the body (embedding, layers, final norm) on its share of the sequences,
+one all-gather hands every rank the final hidden states of all of them, and each rank applies
+only its student vocabulary slice of the output layer (:class:`VocabSliceHead`).
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ import logging
 from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
 
+from salt_megatron.checkpoint import untrusted
 from salt_megatron.config import megatron as mcfg
-from salt_megatron.config.schema import SaltConfig
-from salt_megatron.models.fp8 import check_fp8
+from salt_megatron.config.schema import ModelConfig, SaltConfig
+from salt_megatron.models.fp8 import check_fp8, release_fp8_state
 from salt_megatron.models.gpt import build_gpt
-from salt_megatron.parallel import logits_exchange as lx
+from salt_megatron.parallel import teacher_exchange as tx
 from salt_megatron.parallel.teacher_groups import TeacherGroups, build_teacher_groups
 from salt_megatron.teacher.checks import (
     TeacherCheckpoint,
@@ -30,13 +36,11 @@ from salt_megatron.teacher.checks import (
     resolve_checkpoint,
     teacher_model_config,
 )
+from salt_megatron.teacher.head import PAD_LOGIT, FinalHiddenStates, VocabSliceHead
+
+__all__ = ["PAD_LOGIT", "Teacher"]
 
 log = logging.getLogger(__name__)
-
-PAD_LOGIT = -1e30
-"""Teacher logit of padded vocabulary columns (``v >= true vocab``): ``softmax`` gives them
-exactly 0 in float32/bf16. Not ``-inf``: a shard made only of padding would then have a local
-maximum of ``-inf`` and the loss's ``exp(t - max)`` would be NaN."""
 
 
 def _check_layout(t: int, s: int, padded_vocab: int) -> None:
@@ -48,18 +52,36 @@ def _check_layout(t: int, s: int, padded_vocab: int) -> None:
         raise TeacherError(f"padded vocabulary {padded_vocab} is not divisible by student TP {s}")
 
 
-def _load_weights(model: GPTModel | None, groups: TeacherGroups, path: str) -> None:
-    """Collective over the world: teacher ranks read their shards, the others take part empty.
+def _head_key(model: ModelConfig) -> str:
+    """Checkpoint key of the teacher's output weight (the word embedding when they are tied)."""
+    if model.untie_embeddings_and_output_weights:
+        return "output_layer.weight"
+    return "embedding.word_embeddings.weight"
 
-    Replica ids come from the teacher's groups (``dp_cp_group`` = the teacher replica group), so
-    each shard has exactly one main replica whatever the student's layout.
+
+def _load_weights(
+    model: GPTModel | None, head: VocabSliceHead | None, groups: TeacherGroups, path: str, key: str
+) -> None:
+    """Two loads, collective over the world (ranks holding no teacher take part empty).
+
+    The body's shards use the teacher's groups for replica ids (``dp_cp_group`` = the teacher
+    replica group: one main replica per shard whatever the student's layout); the output
+    layer's own shards are dropped and the model's output layer becomes :class:`FinalHiddenStates`
+    before anything is read. The head reads its slice as a second load: with tied embeddings
+    its key is the embedding's, sharded differently. The checkpoint is someone else's: nothing in
+    it is unpickled beyond plain metadata (:mod:`salt_megatron.checkpoint.untrusted`).
     """
-    if model is None or groups.pgs is None:
-        dist_checkpointing.load({}, path)
+    if model is None or head is None or groups.pgs is None:
+        untrusted.load_sharded({}, path)
+        untrusted.load_sharded({}, path)
         return
-    sharded = {"model": model.sharded_state_dict(metadata={"dp_cp_group": groups.pgs.dp})}
-    state = dist_checkpointing.load(sharded, path)
-    model.load_state_dict(state["model"], strict=True)
+    body = model.sharded_state_dict(metadata={"dp_cp_group": groups.pgs.dp})
+    for name in [k for k in body if k.startswith("output_layer.")]:
+        del body[name]
+    model.output_layer = FinalHiddenStates()
+    state = untrusted.load_sharded({"model": body}, path)
+    untrusted.load_module_state(model, state["model"], path)
+    untrusted.load_sharded(head.sharded_state_dict(key, groups.student_group_index), path)
 
 
 class Teacher:
@@ -68,19 +90,17 @@ class Teacher:
     def __init__(
         self,
         model: GPTModel,
+        head: VocabSliceHead,
         groups: TeacherGroups,
-        layout: lx.VocabLayout,
-        student_tp_group: Any,
-        true_vocab: int,
+        layout: tx.VocabLayout,
         fp8: bool,
     ) -> None:
         self.model: GPTModel | None = model
+        self.head: VocabSliceHead | None = head
         self.groups = groups
         self.layout = layout
-        self.student_tp_group = student_tp_group
-        self.true_vocab = true_vocab
         self.fp8 = fp8
-        self._logged_modes: set[str] = set()
+        self._logged = False
 
     @classmethod
     def build(
@@ -93,6 +113,7 @@ class Teacher:
         student_padded_vocab: int,
         tokenizer_fingerprint: str,
         *,
+        device: torch.device,
         vocab_size: int | None = None,
     ) -> Teacher | None:
         """Check the checkpoint, create the groups, build and load the teacher (all ranks call).
@@ -100,9 +121,11 @@ class Teacher:
         Args:
             student_tp_group: this rank's student TP group (vocabulary shards in rank order).
             is_last_stage: the teacher lives on the student's last pipeline stage only.
-            student_padded_vocab: the student's padded vocabulary ``V``; the teacher is built
-                with it (divisible by the teacher TP size since that divides the student's).
+            student_padded_vocab: the student's padded vocabulary ``V``; the teacher's embedding
+                is built with it (divisible by the teacher TP size since that divides the
+                student's), and the head reads slice ``r`` of ``s`` of it.
             tokenizer_fingerprint: the student's; must equal the checkpoint's.
+            device: where the teacher lives (this rank's GPU, or the CPU).
             vocab_size: the true vocabulary size (columns ``>= vocab_size`` are padding);
                 default ``cfg.model.vocab_size``, else the checkpoint's.
 
@@ -119,36 +142,41 @@ class Teacher:
         true_vocab = true_vocab or ckpt.meta.get("vocab_size") or model_cfg.vocab_size
         if true_vocab is None:
             raise TeacherError(f"{ckpt.path}: the true vocabulary size is unknown (--vocab-size)")
-        check_fp8(cfg.training.fp8_format, cfg.training.fp8_recipe)
+        check_fp8(cfg.training.fp8_format, mcfg.teacher_fp8_recipe(cfg.training.fp8_recipe))
         groups = build_teacher_groups(student_tp_group, is_last_stage, t)
-        model = None
+        model = head = None
         if groups.holds_teacher:
+            tf_config = mcfg.teacher_transformer_config(cfg, model_cfg)
             with torch.no_grad():
                 model = build_gpt(
                     model_cfg,
-                    mcfg.teacher_transformer_config(cfg, model_cfg),
+                    tf_config,
                     padded_vocab_size=student_padded_vocab,
                     max_sequence_length=model_cfg.max_position_embeddings,
                     pre_process=True,
                     post_process=True,
                     pg_collection=groups.pgs,
+                    device=device,
                 )
-        _load_weights(model, groups, ckpt.path)
-        if model is None:
+            width = student_padded_vocab // student_tp_size
+            head = VocabSliceHead(
+                model_cfg.hidden_size, width, student_tp_rank, student_tp_size, int(true_vocab),
+                tf_config.params_dtype, device,
+            )  # fmt: skip
+        _load_weights(model, head, groups, ckpt.path, _head_key(model_cfg))
+        if model is None or head is None:
             return None
         model.eval()
         model.requires_grad_(False)
-        layout = lx.VocabLayout(student_tp_size, t, student_tp_rank)
-        teacher = cls(
-            model, groups, layout, student_tp_group, int(true_vocab),
-            cfg.training.fp8_format is not None,
-        )  # fmt: skip
+        layout = tx.VocabLayout(student_tp_size, t, student_tp_rank)
+        teacher = cls(model, head, groups, layout, cfg.training.fp8_format is not None)
         log.info(f"teacher: {teacher.describe(ckpt)}")
         return teacher
 
     def describe(self, ckpt: TeacherCheckpoint | None = None) -> str:
         """One line: size, layout, source."""
-        n = sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
+        mods = [m for m in (self.model, self.head) if m is not None]
+        n = sum(p.numel() for m in mods for p in m.parameters())
         src = f" from {ckpt.path}" if ckpt is not None else ""
         return (
             f"{n / 1e6:.2f}M params/rank{src}, teacher TP {self.layout.teacher_tp} inside "
@@ -156,26 +184,24 @@ class Teacher:
         )
 
     @torch.no_grad()
-    def forward_shard(self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor) -> torch.Tensor:
-        """The teacher's own vocab-parallel logits ``[s, b, V/t]`` for ``tokens_bs`` ``[b, s]``."""
+    def final_hidden(self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor) -> torch.Tensor:
+        """The body's final (normed) hidden states ``[b, s, h]`` for ``tokens_bs`` ``[b, s]``."""
         if self.model is None:
             raise RuntimeError("the teacher was released")
-        logits = self.model(tokens_bs, position_ids_bs, attention_mask=None)
-        # GPTModel returns [b, s, V/t] (it transposes at the end without labels).
-        return logits.transpose(0, 1).contiguous()
+        return self.model(tokens_bs, position_ids_bs, attention_mask=None)
 
-    def _log_mode(self, mode: str, batch: int) -> None:
-        if mode in self._logged_modes:
+    def _log_layout(self, batch: int) -> None:
+        if self._logged:
             return
-        self._logged_modes.add(mode)
+        self._logged = True
         k = self.layout.replicas
-        why = {
-            "local": "teacher TP == student TP, no exchange",
-            "split": f"{k} replicas each compute ~{batch}/{k} sequences, then one all-to-all",
-            "redundant": f"micro-batch of {batch} < {k} replicas: every replica computes all of "
-            "it (redundant teacher compute)",
-        }[mode]
-        log.info(f"teacher logits: {mode} mode ({why})")
+        shares = tx.batch_chunks(batch, k)
+        how = "no exchange" if k == 1 else "hidden states all-gathered"
+        log.info(
+            f"teacher forward: {k} replica(s) of TP {self.layout.teacher_tp} per student TP "
+            f"group compute {shares} of {batch} sequences ({how}); each rank applies its "
+            f"{self.layout.student_tp}-way vocabulary slice of the output layer"
+        )
 
     @torch.no_grad()
     def student_layout_logits(
@@ -184,36 +210,29 @@ class Teacher:
         """Teacher logits ``[s, b, V/s_tp]``: this student TP rank's vocabulary slice.
 
         Args:
-            tokens_bs: ``[b, s]`` int64 token ids (the student's micro-batch).
+            tokens_bs: ``[b, s]`` int64 token ids (the student's micro-batch), on the device.
             position_ids_bs: ``[b, s]`` int64 positions.
 
         Returns:
             ``[s, b, V/s_tp]`` contiguous, in the teacher's dtype, no grad; columns whose global
-            index is ``>= true vocab`` set to :data:`PAD_LOGIT`. Collective over the student TP
-            group except when the teacher and student TP sizes are equal.
+            index is ``>= true vocab`` set to :data:`PAD_LOGIT`. The only logits-sized tensor
+            the call allocates. Collective over the teacher's gather group when ``t < s``.
         """
-        lay, batch = self.layout, tokens_bs.shape[0]
-        mode = lx.choose_mode(lay, batch)
-        self._log_mode(mode, batch)
-        if mode == "split":
-            served = lx.batch_chunks(batch, lay.replicas)
-            start = sum(served[: lay.replica])
-            rows = slice(start, start + served[lay.replica])
-            shard_sbv = self.forward_shard(tokens_bs[rows], position_ids_bs[rows])
-            out_sbv = lx.exchange_to_student_layout(shard_sbv, lay, served, self.student_tp_group)
-        else:
-            shard_sbv = self.forward_shard(tokens_bs, position_ids_bs)
-            if mode == "local" or lay.teacher_tp == 1:
-                out_sbv = lx.local_student_slice(shard_sbv, lay)
-            else:  # redundant with 1 < t < s: replica 0 serves every sequence
-                served = [batch] + [0] * (lay.replicas - 1)
-                mine = shard_sbv if lay.replica == 0 else shard_sbv[:, :0]
-                out_sbv = lx.exchange_to_student_layout(mine, lay, served, self.student_tp_group)
-        width = out_sbv.shape[-1]
-        return lx.mask_padded_vocab(out_sbv, lay.student_rank * width, self.true_vocab, PAD_LOGIT)
+        if self.head is None:
+            raise RuntimeError("the teacher was released")
+        batch, lay = tokens_bs.shape[0], self.layout
+        self._log_layout(batch)
+        rows = lay.rows(batch)
+        if rows.stop > rows.start:
+            mine_bsh = self.final_hidden(tokens_bs[rows], position_ids_bs[rows])
+        else:  # fewer sequences than replicas: this replica computes none
+            w = self.head.weight_vh
+            mine_bsh = w.new_empty((0, tokens_bs.shape[1], w.shape[1]))
+        hidden_bsh = tx.gather_hidden(mine_bsh, batch, lay, self.groups.gather)
+        return self.head(hidden_bsh.transpose(0, 1))
 
     def release(self) -> int:
-        """Free the model, its buffers and FP8 state, destroy the teacher's groups.
+        """Free the model, its head, buffers and FP8 state, destroy the teacher's groups.
 
         Every teacher rank calls it at the same point. Returns the bytes freed: the teacher's
         parameter and buffer bytes on CPU, the drop of ``torch.cuda.memory_allocated`` on GPU.
@@ -222,16 +241,19 @@ class Teacher:
             return 0
         on_gpu = torch.cuda.is_available()
         before = torch.cuda.memory_allocated() if on_gpu else 0
-        tensors = [*self.model.parameters(), *self.model.buffers()]
+        mods = [m for m in (self.model, self.head) if m is not None]
+        tensors = [t for m in mods for t in (*m.parameters(), *m.buffers())]
         host_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        del tensors
-        # FP8 state (per-module fp8_meta, FP8 weight tensors) goes with the modules. TE's global
-        # FP8GlobalStateManager is shared with the student and is deliberately not reset.
-        self.model = None
+        del tensors, mods
+        fp8_modules = release_fp8_state(self.model) if self.fp8 else 0
+        self.model = self.head = None
         gc.collect()
         destroyed = self.groups.destroy()
         freed = before - torch.cuda.memory_allocated() if on_gpu else host_bytes
         if on_gpu:
             torch.cuda.empty_cache()
-        log.info(f"teacher released: {freed / 2**20:.1f} MiB freed, {destroyed} groups destroyed")
+        log.info(
+            f"teacher released: {freed / 2**20:.1f} MiB freed, {destroyed} groups destroyed"
+            + (f", FP8 metadata of {fp8_modules} modules cleared" if self.fp8 else "")
+        )
         return int(freed)

@@ -1,4 +1,4 @@
-"""Console lines and TensorBoard scalars, written by one rank (the last pipeline stage's first)."""
+"""Console lines, TensorBoard and W&B scalars, written by one rank (the last stage's first)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,18 @@ def setup_console(is_logging_rank: bool) -> None:
 
 
 class MetricsWriter:
-    """Formats a step's metrics for the console and writes them to TensorBoard."""
+    """Formats a step's metrics for the console and writes them to TensorBoard (and to a W&B run,
+    ``wandb_run``, when the logging rank started one)."""
 
     def __init__(
-        self, tensorboard_dir: str | None, enabled: bool, metrics_file: str | None = None
+        self,
+        tensorboard_dir: str | None,
+        enabled: bool,
+        metrics_file: str | None = None,
+        wandb_run: Any = None,
     ) -> None:
         self.enabled = enabled
+        self._wandb = wandb_run
         self._tb: Any = None
         self._jsonl: IO[str] | None = None
         if enabled and tensorboard_dir:
@@ -38,11 +44,13 @@ class MetricsWriter:
             self._jsonl = open(metrics_file, "a")  # noqa: SIM115 - held open for the run
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-        """Write ``values`` as TensorBoard scalars ``prefix + name`` (and a JSON line)."""
+        """Write ``values`` as TensorBoard (and W&B) scalars ``prefix + name``, and a JSON line."""
         if self._jsonl is not None:
             record = {"step": step, "group": prefix.rstrip("/"), **values}
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log({prefix + name: value for name, value in values.items()}, step=step)
         if self._tb is None:
             return
         for name, value in values.items():
@@ -56,7 +64,10 @@ class MetricsWriter:
         log.info(" | ".join(parts))
 
     def close(self) -> None:
-        """Flush and close the event file."""
+        """Flush and close the event file; finish the W&B run."""
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()

@@ -21,7 +21,9 @@ from salt_megatron.data.teacher_targets import TargetsDataset, TargetStore
 from salt_megatron.distill.offline_step import OfflineKDForwardStep
 from salt_megatron.distill.schedule import in_kd_phase, weight_for
 from salt_megatron.distill.step import KDForwardStep
+from salt_megatron.loss import check_shard_widths
 from salt_megatron.parallel.state import StudentLayout, preserved_rng
+from salt_megatron.runtime import device
 from salt_megatron.training.logger import MetricsWriter, log
 
 
@@ -54,6 +56,7 @@ class KDPhase:
         tokenizer_fingerprint: str,
         kd_train: Any | None,
         writer: MetricsWriter | None = None,
+        kd_samples: int = 0,
         kd_targets: TargetStore | None = None,
     ) -> None:
         self.cfg = cfg
@@ -65,6 +68,8 @@ class KDPhase:
         self.step_fn: KDForwardStep | OfflineKDForwardStep | None = None
         self.released_bytes: int | None = None
         self.writer = writer
+        self.kd_samples = kd_samples
+        """Samples the KD phase's steps consume (their global batches, any ramp-up included)."""
         self.targets = kd_targets
         self._targets_data: TargetsDataset | None = None
 
@@ -72,22 +77,21 @@ class KDPhase:
         """KD weight of the 0-based step ``step``."""
         return weight_for(self.cfg.distill, step)
 
-    def data_position(self, step: int, main_train: Any) -> tuple[Any, int]:
-        """Dataset and consumed-sample offset that step ``step`` reads from.
+    def data_position(self, step: int, consumed: int, main_train: Any) -> tuple[Any, int]:
+        """Dataset and sample offset that step ``step`` reads from, ``consumed`` samples in.
 
         With a separate KD blend (``--kd-data-path``) the KD phase reads it from sample 0 and the
         main data starts from its sample 0 at the switch; otherwise one stream runs throughout.
         With stored targets the KD phase reads its dataset through the store.
         """
-        gbs = self.cfg.training.global_batch_size
         if in_kd_phase(self.cfg.distill, step):
             kd_data = self.kd_train if self.kd_train is not None else main_train
             if self.targets is not None:
                 kd_data = self._with_targets(kd_data)
-            return kd_data, step * gbs
+            return kd_data, consumed
         if self.kd_train is None:
-            return main_train, step * gbs
-        return main_train, (step - self.cfg.distill.kd_steps) * gbs
+            return main_train, consumed
+        return main_train, consumed - self.kd_samples
 
     def _with_targets(self, dataset: Any) -> TargetsDataset:
         """``dataset`` with its stored targets, after checking they were made for it."""
@@ -95,9 +99,8 @@ class KDPhase:
             assert self.targets is not None
             cfg = self.cfg
             self.targets.check_run(
-                self.fingerprint, dataset, cfg.distill.kd_steps * cfg.training.global_batch_size,
-                cfg.data.seq_length, self.vocab_size, cfg.distill.kd_temperature,
-                teacher=teacher_record(cfg.distill.kd_teacher_load),
+                self.fingerprint, dataset, self.kd_samples, cfg.data.seq_length, self.vocab_size,
+                cfg.distill.kd_temperature, teacher=teacher_record(cfg.distill.kd_teacher_load),
             )  # fmt: skip
             self._targets_data = TargetsDataset(dataset, self.targets)
         return self._targets_data
@@ -124,13 +127,13 @@ class KDPhase:
         """Teacher forward seconds since the last call (0 outside the KD phase)."""
         if self.step_fn is None:
             return 0.0
-        seconds, self.step_fn.teacher_seconds = self.step_fn.teacher_seconds, 0.0
-        return seconds
+        return self.step_fn.teacher_timer.take_seconds()
 
     def _build(self) -> None:
         from salt_megatron.teacher import Teacher
 
         lay = self.layout
+        check_shard_widths(self.padded_vocab // lay.tp, lay.tp_group, device())
         if self.targets is not None:
             self.step_fn = OfflineKDForwardStep(self.cfg.distill, lay.tp_group, self.vocab_size)
             log.info(
@@ -156,6 +159,7 @@ class KDPhase:
             lay.is_last_stage,
             self.padded_vocab,
             self.fingerprint,
+            device=device(),
             vocab_size=self.vocab_size,
         )
 

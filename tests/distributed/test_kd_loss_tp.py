@@ -238,13 +238,11 @@ def _check_teacher_targets_merge(group, rank: int, tp: int) -> None:
 
 
 def _check_unequal_shards_refused(group, rank: int, tp: int) -> None:
-    from salt_megatron.loss import kd_cross_entropy
+    from salt_megatron.loss import check_shard_widths
 
-    width = V // tp + (1 if rank == 0 else 0)
-    s = torch.randn(4, width)
-    y = torch.zeros(4, dtype=torch.long)
+    check_shard_widths(V // tp, group, torch.device("cpu"))  # equal: no error
     with pytest.raises(ValueError, match="differ in width"):
-        kd_cross_entropy(s, s.clone(), y, 0.5, 1.0, group)
+        check_shard_widths(V // tp + (1 if rank == 0 else 0), group, torch.device("cpu"))
 
 
 def _check_size_one_group(rank: int, world: int) -> None:

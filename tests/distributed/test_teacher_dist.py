@@ -3,7 +3,8 @@
 One world-2 launch saves a teacher checkpoint at TP=2 (padded vocab 208) and records the saving
 model's full-vocabulary logits as the reference; then it and one world-4 launch build teachers at
 many (student TP, teacher TP, PP) layouts from that checkpoint and compare, check the KD loss
-against the dense float64 reference, and check release().
+against the dense float64 reference, check that no rank ever holds more teacher logits than its
+own vocabulary slice (peak bytes of vocabulary-wide tensors), and check release().
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from tests.distributed.launcher import run_distributed
 
@@ -78,6 +82,35 @@ def _save_teacher(root: str) -> torch.Tensor:
     return full_sbv
 
 
+class VocabWideBytes(TorchDispatchMode):
+    """Peak bytes of live storages allocated inside the block for tensors whose last dimension is
+    one of ``widths`` (vocabulary-wide: the full padded vocabulary, a teacher shard, a student
+    slice). An op output aliasing one of its inputs (a view) is no allocation; storages are
+    tracked by weak reference, so frees are counted."""
+
+    def __init__(self, widths: set[int]) -> None:
+        super().__init__()
+        self.widths, self.peak = widths, 0
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        inputs = {
+            x.untyped_storage().data_ptr()
+            for x in tree_leaves((args, kwargs))
+            if isinstance(x, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] in self.widths:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.live and key not in inputs:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
 def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) -> dict[str, Any]:
     """Build a teacher at (student TP, PP, teacher TP); compare logits, KD loss; release it."""
     import torch.distributed as dist
@@ -87,6 +120,7 @@ def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) ->
     from salt_megatron.config import parse_config
     from salt_megatron.loss import kd_cross_entropy, reference_kd_loss
     from salt_megatron.parallel.state import reseed
+    from salt_megatron.runtime import device
     from salt_megatron.teacher import PAD_LOGIT, Teacher
 
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -101,7 +135,7 @@ def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) ->
     padded = mcfg.padded_vocab_size(VOCAB, DIV, tp)
     group, rank = mpu.get_tensor_model_parallel_group(), mpu.get_tensor_model_parallel_rank()
     last = mpu.is_pipeline_last_stage()
-    teacher = Teacher.build(cfg, group, rank, tp, last, padded, FINGERPRINT)
+    teacher = Teacher.build(cfg, group, rank, tp, last, padded, FINGERPRINT, device=device())
     out: dict[str, Any] = {"layout": (tp, pp, t), "holds": teacher is not None}
     if teacher is None:
         assert not last
@@ -113,13 +147,17 @@ def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) ->
     want_sbv = torch.full((SEQ, BATCH, padded), PAD_LOGIT)
     want_sbv[..., :VOCAB] = ref_sbv[..., :VOCAB]
     tokens_bs, pos_bs = _tokens()
-    errors = []
-    for b in (BATCH, 1, 3):  # 5 splits unevenly; 1 and 3 fall back to redundant at 4 replicas
-        got_sbv = teacher.student_layout_logits(tokens_bs[:b], pos_bs[:b])
+    errors, peaks = [], []
+    for b in (BATCH, 1, 3):  # 5 splits unevenly; 1 and 3 leave replicas idle at 4 replicas
+        with VocabWideBytes({padded, padded // t, width}) as bytes_:
+            got_sbv = teacher.student_layout_logits(tokens_bs[:b], pos_bs[:b])
         assert got_sbv.shape == (SEQ, b, width) and not got_sbv.requires_grad
         errors.append((got_sbv - want_sbv[:, :b, lo:hi]).abs().max().item())
+        peaks.append((bytes_.peak, SEQ * b * width * got_sbv.element_size()))
     out["logits_err"] = max(errors)
     assert out["logits_err"] < 1e-5, out
+    out["peak_logits_bytes"] = peaks
+    assert all(peak == want for peak, want in peaks), (tp, t, peaks)
 
     g = torch.Generator().manual_seed(11)
     student_sbv = torch.randn(SEQ, BATCH, padded, generator=g, dtype=torch.float64) * 3

@@ -42,3 +42,24 @@ def test_cuda_paths_match_reference(impl, dtype, temp):
     for name in ("kd", "ce", "top1_agree"):
         got = getattr(stats, name).double().cpu()
         torch.testing.assert_close(got, ref[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_cuda_paths_never_synchronise(impl):
+    """CUDA's sync debug mode raises on any device->host synchronisation in forward or backward."""
+    gen = torch.Generator().manual_seed(1)
+    s = (torch.randn(64, 4096, generator=gen) * 3).cuda().bfloat16().requires_grad_()
+    t = (torch.randn(64, 4096, generator=gen) * 3).cuda().bfloat16()
+    y = torch.randint(0, 4096, (64,), generator=gen).cuda()
+    mask = torch.ones(64, device="cuda")
+    kd_cross_entropy(s, t, y, 0.5, 2.0, loss_mask=mask, impl=impl).sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats = kd_cross_entropy(
+            s, t, y, 0.5, 2.0, loss_mask=mask, return_stats=True, impl=impl
+        )
+        (loss * mask).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).all() and torch.isfinite(stats.kd).all() and s.grad is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from salt_megatron.config import ModelConfig
 from salt_megatron.config import megatron as mcfg
@@ -25,3 +26,29 @@ def test_ffn_sizes() -> None:
     assert mcfg.ffn_hidden_size(ModelConfig(hidden_size=256, swiglu=False)) == 1024
     assert mcfg.ffn_hidden_size(ModelConfig(hidden_size=256, swiglu=True)) == 704  # 682.7 -> 704
     assert mcfg.ffn_hidden_size(ModelConfig(ffn_hidden_size=100)) == 100
+
+
+def test_gpu_fusions_follow_the_available_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU each fusion is on where its kernel exists; all off on the CPU."""
+    from salt_megatron.runtime.kernels import FusedKernels
+
+    rope, gelu = (
+        ModelConfig(),
+        ModelConfig(swiglu=False, position_embedding_type="learned_absolute"),
+    )
+    cpu = mcfg.transformer_config(rope, tp=1)
+    flags = ("bias_activation_fusion", "gradient_accumulation_fusion", "apply_rope_fusion",
+             "bias_dropout_fusion", "masked_softmax_fusion")  # fmt: skip
+    assert not any(getattr(cpu, f) for f in flags)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    apex_only = FusedKernels(transformer_engine=False, fused_wgrad=True, fused_rope=False)
+    monkeypatch.setattr(mcfg, "fused_kernels", lambda: apex_only)
+    gpu = mcfg.transformer_config(rope, tp=1)
+    assert gpu.bias_activation_fusion and gpu.gradient_accumulation_fusion
+    assert gpu.bias_dropout_fusion and gpu.masked_softmax_fusion and not gpu.apply_rope_fusion
+    everything = FusedKernels(transformer_engine=True, fused_wgrad=True, fused_rope=True)
+    assert mcfg.fusions(rope, True, everything)["apply_rope_fusion"]
+    assert not mcfg.fusions(gelu, True, everything)["apply_rope_fusion"]  # no rotary embedding
+    assert not mcfg.fusions(gelu, True, everything)["bias_activation_fusion"]  # GeLU, no bias
+    bare = FusedKernels(transformer_engine=False, fused_wgrad=False, fused_rope=False)
+    assert not mcfg.fusions(rope, True, bare)["gradient_accumulation_fusion"]

@@ -14,7 +14,7 @@ from salt_megatron.config import parse_config
 from salt_megatron.config.cli import to_dict
 from salt_megatron.config.schema import ConfigError
 from salt_megatron.models.fp8 import FP8Unavailable, check_fp8
-from salt_megatron.parallel import logits_exchange as lx
+from salt_megatron.parallel import teacher_exchange as tx
 from salt_megatron.teacher import PAD_LOGIT, Teacher, TeacherError
 from salt_megatron.teacher.checks import (
     check_compatible,
@@ -127,10 +127,10 @@ def test_build_fails_before_any_collective(tmp_path: Any) -> None:
     """Teacher.build raises TeacherError from the checks without a process group."""
     cfg = _student(tmp_path / "missing")
     with pytest.raises(TeacherError, match="no such directory"):
-        Teacher.build(cfg, None, 0, 1, True, 200, "fp")
+        Teacher.build(cfg, None, 0, 1, True, 200, "fp", device=torch.device("cpu"))
     cfg2 = parse_config([*STUDENT, "--tensor-model-parallel-size", "2", "--kd-teacher-load", "x"])
     with pytest.raises(TeacherError, match="padded vocabulary 201 is not divisible"):
-        Teacher.build(cfg2, None, 0, 2, True, 201, "fp")
+        Teacher.build(cfg2, None, 0, 2, True, 201, "fp", device=torch.device("cpu"))
 
 
 def test_fp8_flags_are_validated() -> None:
@@ -172,35 +172,32 @@ def test_fp8_reaches_megatron_config() -> None:
 
 
 @pytest.mark.parametrize("s, t", [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (8, 2), (8, 4)])
-def test_every_student_slice_has_one_source_per_replica(s: int, t: int) -> None:
-    """Teacher shard of rank source_rank(r, i) holds student slice r at sub_slice(r)."""
+@pytest.mark.parametrize("batch", [1, 3, 5, 8])
+def test_replicas_split_every_micro_batch_once(s: int, t: int, batch: int) -> None:
+    """The teacher replicas of a student TP group compute each sequence exactly once."""
     k = s // t
-    for r in range(s):
-        lay = lx.VocabLayout(s, t, r)
-        for i in range(k):
-            src = lx.VocabLayout(s, t, lay.source_rank(r, i))
-            assert src.replica == i and r in src.destinations()
-            assert src.teacher_rank * k + lay.sub_slice(r) == r  # global slice index
+    covered: list[int] = []
+    for i in range(k):  # rank i*t of each replica
+        rows = tx.VocabLayout(s, t, i * t).rows(batch)
+        covered += range(rows.start, rows.stop)
+        for j in range(t):  # every rank of a replica computes the same rows
+            assert tx.VocabLayout(s, t, i * t + j).rows(batch) == rows
+    assert covered == list(range(batch))
 
 
-def test_batch_chunks_and_modes() -> None:
-    assert lx.batch_chunks(5, 4) == [2, 1, 1, 1] and lx.batch_chunks(2, 4) == [1, 1, 0, 0]
-    assert lx.choose_mode(lx.VocabLayout(4, 4, 0), 1) == "local"
-    assert lx.choose_mode(lx.VocabLayout(4, 2, 0), 2) == "split"
-    assert lx.choose_mode(lx.VocabLayout(4, 1, 0), 3) == "redundant"
+def test_batch_chunks() -> None:
+    assert tx.batch_chunks(5, 4) == [2, 1, 1, 1] and tx.batch_chunks(2, 4) == [1, 1, 0, 0]
     with pytest.raises(ValueError, match="must divide"):
-        lx.VocabLayout(4, 3, 0)
+        tx.VocabLayout(4, 3, 0)
 
 
-def test_local_slice_and_padding_mask() -> None:
-    full_sbv = torch.arange(2 * 3 * 12, dtype=torch.float32).view(2, 3, 12)
-    got = lx.local_student_slice(full_sbv, lx.VocabLayout(4, 1, 2))
-    torch.testing.assert_close(got, full_sbv[..., 6:9])
-    masked = lx.mask_padded_vocab(got.clone(), vocab_start=6, true_vocab=7, fill=PAD_LOGIT)
+def test_padding_mask() -> None:
+    got = torch.arange(2 * 3 * 3, dtype=torch.float32).view(2, 3, 3)
+    masked = tx.mask_padded_vocab(got.clone(), vocab_start=6, true_vocab=7, fill=PAD_LOGIT)
     assert (masked[..., 0] == got[..., 0]).all() and (masked[..., 1:] == PAD_LOGIT).all()
-    untouched = lx.mask_padded_vocab(got.clone(), vocab_start=0, true_vocab=7, fill=PAD_LOGIT)
+    untouched = tx.mask_padded_vocab(got.clone(), vocab_start=0, true_vocab=7, fill=PAD_LOGIT)
     torch.testing.assert_close(untouched, got)
-    all_pad = lx.mask_padded_vocab(got.clone(), vocab_start=9, true_vocab=7, fill=PAD_LOGIT)
+    all_pad = tx.mask_padded_vocab(got.clone(), vocab_start=9, true_vocab=7, fill=PAD_LOGIT)
     assert (all_pad == PAD_LOGIT).all()
 
 
