@@ -1,6 +1,7 @@
 """Benchmark: KD-phase step time over the plain step time, against the FLOP-ideal ratio.
 
-For each layout (world size, student TP, teacher TP) one process group is spawned; inside it, for
+For each layout (world size, student TP, teacher TP, student PP) one process group is spawned;
+inside it, for
 each teacher size, a teacher checkpoint is saved (random weights, our checkpoint layout), a
 :class:`~salt_megatron.training.trainer.Trainer` with KD enabled (schedule ``step``, w=0.5, so every
 step is a KD step) is built on a synthetic dataset, warmed up, and then timed in alternating
@@ -16,14 +17,23 @@ Reported per row (the fastest block of each kind: the machine may be shared):
   ``final_hidden`` on the same rows, timed separately: the all-gather of hidden states and the
   output layer's vocabulary slice), the KD loss over megatron's
   ``vocab_parallel_cross_entropy`` (forward + backward on logits of the step's shape, timed
-  separately, times the micro-batches), and the unexplained rest.
+  separately, times the micro-batches), and the unexplained rest (PP 1 rows only).
 
-    python benchmarks/teacher_overhead.py [--quick] [--write-docs]
+Pipeline rows (``--pipeline``: PP 1, 2 and 4 at the same shapes, where transformer layers, not
+the output layer, dominate): with the teacher balanced over the stages (the teacher pass of
+:mod:`salt_megatron.distill.teacher_pass`), and, for comparison, with the whole teacher on the
+last stage (``:last`` layouts: the trainer's teacher pass is switched off, so the KD forward
+step runs the teacher in line on the last stage, as before the teacher pass). Their rows come
+from the last stage; the FLOP-ideal ratio is :func:`salt_megatron.planner.kd_step_ratio` (the
+slowest stage's pace), and the summary gives the PP p ratio over the PP 1 ratio.
+
+    python benchmarks/teacher_overhead.py [--quick] [--pipeline] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -42,9 +52,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from salt_megatron.config.schema import ModelConfig  # noqa: E402
+from salt_megatron.planner import kd_step_ratio  # noqa: E402
 from salt_megatron.training import metrics  # noqa: E402
 
 KD_WEIGHT, TEMP = 0.5, 1.0
+PIPELINE_TARGET = 1.15
+"""The KD/plain ratio at PP > 1 may exceed PP 1's by at most this factor (teacher balanced)."""
+PIPELINE = {
+    "student": "8x256x4", "teachers": ["4x256x4"], "vocab": 1024, "seq": 128, "mbs": 2,
+    "gbs": 16, "layouts": ["1:1:1", "2:1:1:2", "2:1:1:2:last", "4:1:1:4", "4:1:1:4:last"],
+}  # fmt: skip
+"""``--pipeline``: shapes where transformer layers dominate (vocabulary 1024: the LM head is 4% of
+the student's FLOPs), a teacher of half the student's layers (about 17% of a student step, as
+in the paper), 8 micro-batches; PP 1, 2 and 4 with the teacher balanced, and on the last stage."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +92,33 @@ class Shape:
 
     def __str__(self) -> str:
         return f"{self.layers}L h{self.hidden}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``world:TP:teacher TP[:PP[:last]]``: the student's TP and PP, the teacher's TP, and where
+    the teacher runs (``balanced`` over the stages, or ``last``: all of it on the last stage)."""
+
+    world: int
+    tp: int
+    ttp: int
+    pp: int = 1
+    placement: str = "balanced"
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """``"4:1:1:4:last"`` -> Layout(4, 1, 1, 4, "last")."""
+        parts = text.split(":")
+        numbers = [int(x) for x in parts[:4]]
+        placement = parts[4] if len(parts) > 4 else "balanced"
+        if placement not in ("balanced", "last"):
+            raise ValueError(f"layout {text!r}: placement must be 'balanced' or 'last'")
+        return cls(*numbers, placement=placement)  # type: ignore[arg-type]
+
+    def flags(self) -> list[str]:
+        """The parallelism flags."""
+        return ["--tensor-model-parallel-size", str(self.tp), "--pipeline-model-parallel-size",
+                str(self.pp), "--teacher-tensor-model-parallel-size", str(self.ttp)]  # fmt: skip
 
 
 def flop_ideal_ratio(
@@ -172,14 +219,15 @@ def _common_flags(opts: dict[str, Any]) -> list[str]:
 
 def _block(trainer: Any, steps: int, kd: bool) -> tuple[float, float]:
     """(seconds per step, teacher seconds per step) of ``steps`` KD or plain steps."""
-    if not kd:
-        setattr(trainer.kd, "forward_step", lambda step: None)  # noqa: B010 (plain, teacher kept)
+    if not kd:  # plain steps of the same trainer (the teacher stays built): no teacher pass
+        setattr(trainer.kd, "forward_step", lambda step: None)  # noqa: B010
+        setattr(trainer.kd, "step_iterators", lambda iterators, n_micro: iterators)  # noqa: B010
     trainer.kd.take_teacher_seconds()
     try:
         results = [trainer.train_step() for _ in range(steps)]
     finally:
         if not kd:
-            del trainer.kd.forward_step
+            del trainer.kd.forward_step, trainer.kd.step_iterators
     assert all(r.kd_phase == kd for r in results)
     return sum(r.seconds for r in results) / steps, trainer.kd.take_teacher_seconds() / steps
 
@@ -232,23 +280,39 @@ def _exchange_seconds(trainer: Any, reps: int) -> float:
     return max(0.0, whole - body)
 
 
-def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) -> dict:
-    """Build a KD trainer for one (layout, teacher) case and time it; returns the row."""
+def _build_trainer(opts: dict[str, Any], root: str, lay: Layout, shape: Shape) -> Any:
+    """A KD trainer (every step a KD step) with its teacher built; ``last``: no teacher pass."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
 
     from salt_megatron.config import parse_config
     from salt_megatron.training.trainer import Trainer
 
-    student = Shape.parse(opts["student"])
     cfg = parse_config([
-        *_common_flags(opts), *student.flags(), *shape.flags("teacher-"),
+        *_common_flags(opts), *Shape.parse(opts["student"]).flags(), *shape.flags("teacher-"),
         "--kd-teacher-load", root, "--kd-steps", "100000", "--kd-schedule", "step",
-        "--kd-weight", str(KD_WEIGHT), "--kd-temperature", str(TEMP),
-        "--tensor-model-parallel-size", str(tp), "--teacher-tensor-model-parallel-size", str(ttp),
+        "--kd-weight", str(KD_WEIGHT), "--kd-temperature", str(TEMP), *lay.flags(),
     ])  # fmt: skip
     cfg.validate_world(dist.get_world_size())
     trainer = Trainer(cfg, (RandomTokens(opts["vocab"], opts["seq"]), None), opts["vocab"])
+    trainer.kd.sync(trainer.step)
+    if lay.placement == "last":  # the KD forward step then runs the teacher on the last stage
+        trainer.kd.teacher_pass = None
+    return trainer
+
+
+def _ideal(opts: dict[str, Any], lay: Layout, shape: Shape, padded: int, n_micro: int) -> float:
+    student, teacher = Shape.parse(opts["student"]).model(opts["vocab"]), shape.model(opts["vocab"])
+    if lay.pp == 1:
+        return flop_ideal_ratio(student, teacher, opts["seq"], padded)
+    balanced = lay.placement == "balanced"
+    return kd_step_ratio(student, teacher, opts["seq"], padded, lay.pp, n_micro, balanced=balanced)
+
+
+def _run_case(opts: dict[str, Any], root: str, lay: Layout, shape: Shape) -> dict:
+    """Build a KD trainer for one (layout, teacher) case and time it; returns the row."""
+    from megatron.core import parallel_state as mpu
+
+    trainer = _build_trainer(opts, root, lay, shape)
     steps, rounds = opts["steps"], opts["rounds"]
     for kd in (True, True, False):  # warm-up: 2 KD steps, 1 plain step
         _block(trainer, 1, kd)
@@ -260,19 +324,20 @@ def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) 
         plain_t.append(p)
         teach_t.append(t)
         ratios.append(k / p)
-    loss_kd, loss_ce = _loss_seconds(trainer, opts["reps"])
-    exchange = _exchange_seconds(trainer, opts["reps"])
-    n_micro = trainer.num_microbatches
-    padded = trainer.padded_vocab
+    n_micro, padded = trainer.num_microbatches, trainer.padded_vocab
+    nan = float("nan")
+    loss_kd, loss_ce, exchange = nan, nan, nan  # micro-timings: PP 1 only (collective)
+    if lay.pp == 1:
+        loss_kd, loss_ce = _loss_seconds(trainer, opts["reps"])
+        exchange = _exchange_seconds(trainer, opts["reps"])
+    student = Shape.parse(opts["student"])
     row = {
-        "world": dist.get_world_size(), "tp": tp, "ttp": ttp, "student": str(student),
-        "teacher": str(shape), "n_micro": n_micro, "padded_vocab": padded,
-        "plain": min(plain_t), "kd": min(kd_t), "ratio": min(kd_t) / min(plain_t),
-        "paired": statistics.median(ratios), "teacher_s": min(teach_t),
-        "exchange": exchange * n_micro, "loss_excess": (loss_kd - loss_ce) * n_micro,
-        "loss_kd": loss_kd, "loss_ce": loss_ce,
-        "ideal": flop_ideal_ratio(student.model(opts["vocab"]), shape.model(opts["vocab"]),
-                                  opts["seq"], padded),
+        "layout": lay, "student": str(student), "teacher": str(shape), "n_micro": n_micro,
+        "padded_vocab": padded, "plain": min(plain_t), "kd": min(kd_t),
+        "ratio": min(kd_t) / min(plain_t), "paired": statistics.median(ratios),
+        "teacher_s": min(teach_t), "exchange": exchange * n_micro,
+        "loss_excess": (loss_kd - loss_ce) * n_micro, "loss_kd": loss_kd, "loss_ce": loss_ce,
+        "ideal": _ideal(opts, lay, shape, padded, n_micro),
         "head_s": head_share(student.model(opts["vocab"]), opts["seq"], padded),
         "head_t": head_share(shape.model(opts["vocab"]), opts["seq"], padded),
     }  # fmt: skip
@@ -281,8 +346,9 @@ def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) 
     return row
 
 
-def bench_worker(opts: dict[str, Any], tmp: str, tp: int, ttp: int) -> list[dict]:
-    """Every teacher of ``opts`` at one layout, in this process group; rank 0's rows are used."""
+def bench_worker(opts: dict[str, Any], tmp: str, lay: Layout) -> list[dict]:
+    """Every teacher of ``opts`` at one layout, in this process group; the last rank's rows are
+    used (the last pipeline stage: the loss, the head, and the logging rank)."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
@@ -290,32 +356,59 @@ def bench_worker(opts: dict[str, Any], tmp: str, tp: int, ttp: int) -> list[dict
     rows = []
     for text in opts["teachers"]:
         shape = Shape.parse(text)
-        root = os.path.join(tmp, f"teacher_{text}_w{world}_tp{tp}")
-        _save_teacher(root, shape, opts, tp)
-        rows.append(_run_case(opts, root, tp, ttp, shape))
+        root = os.path.join(tmp, f"teacher_{text}_w{world}_tp{lay.tp}")
+        if not os.path.isdir(root):
+            _save_teacher(root, shape, opts, lay.tp)
+        rows.append(_run_case(opts, root, lay, shape))
     return rows
 
 
 # ---- driver side -----------------------------------------------------------------------------
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{1000.0 * seconds:.0f}"
+
+
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| world | TP | teacher TP | student | teacher | plain ms | KD ms | measured "
-        "(paired median) | FLOP-ideal | measured/ideal | teacher share | excess ms: teacher fwd / "
-        "exchange / KD loss - CE / rest | LM-head FLOP share S / T |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| world | TP | teacher TP | PP | teacher on | student | teacher | plain ms | KD ms | "
+        "measured (paired median) | FLOP-ideal | measured/ideal | teacher share | excess ms: "
+        "teacher fwd / exchange / KD loss - CE / rest | LM-head FLOP share S / T |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ms = 1000.0
-        excess = r["kd"] - r["plain"]
-        fwd = r["teacher_s"] - r["exchange"]
+        lay, excess = r["layout"], r["kd"] - r["plain"]
+        fwd = r["teacher_s"] - (0.0 if math.isnan(r["exchange"]) else r["exchange"])
         rest = excess - r["teacher_s"] - r["loss_excess"]
+        where = {"balanced": "stages", "last": "last stage"}[lay.placement] if lay.pp > 1 else "-"
         lines.append(
-            f"| {r['world']} | {r['tp']} | {r['ttp']} | {r['student']} | {r['teacher']} "
-            f"| {r['plain'] * ms:.0f} | {r['kd'] * ms:.0f} | {r['ratio']:.2f} ({r['paired']:.2f}) "
-            f"| {r['ideal']:.3f} "
+            f"| {lay.world} | {lay.tp} | {lay.ttp} | {lay.pp} | {where} | {r['student']} "
+            f"| {r['teacher']} | {_ms(r['plain'])} | {_ms(r['kd'])} "
+            f"| {r['ratio']:.2f} ({r['paired']:.2f}) | {r['ideal']:.3f} "
             f"| {r['ratio'] / r['ideal']:.2f} | {r['teacher_s'] / r['kd']:.0%} "
-            f"| {fwd * ms:.0f} / {r['exchange'] * ms:.0f} / {r['loss_excess'] * ms:.0f} "
-            f"/ {rest * ms:.0f} | {r['head_s']:.0%} / {r['head_t']:.0%} |"
+            f"| {_ms(fwd)} / {_ms(r['exchange'])} / {_ms(r['loss_excess'])} / {_ms(rest)} "
+            f"| {r['head_s']:.0%} / {r['head_t']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def pipeline_summary(rows: list[dict], target: float = PIPELINE_TARGET) -> str:
+    """Each PP > 1 row's KD/plain ratio over the PP 1 row's (same student and teacher, TP 1):
+    the fastest blocks' ratios and the paired medians."""
+    lines = []
+    for r in rows:
+        lay = r["layout"]
+        base = [b for b in rows if b["layout"].pp == 1 and b["layout"].tp == lay.tp
+                and (b["student"], b["teacher"]) == (r["student"], r["teacher"])]  # fmt: skip
+        if lay.pp == 1 or not base:
+            continue
+        best, median = r["ratio"] / base[0]["ratio"], r["paired"] / base[0]["paired"]
+        verdict = "met" if max(best, median) <= target else "not met"
+        where = "balanced over the stages" if lay.placement == "balanced" else "on the last stage"
+        lines.append(
+            f"- PP {lay.pp}, teacher {where}: KD/plain {r['ratio']:.2f} (median "
+            f"{r['paired']:.2f}) against {base[0]['ratio']:.2f} ({base[0]['paired']:.2f}) at "
+            f"PP 1: x{best:.2f} (median x{median:.2f})"
+            + (f"; target <= x{target:g}: {verdict}" if lay.placement == "balanced" else "")
         )
     return "\n".join(lines)
 
@@ -351,7 +444,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--student", default="4x256x4", help="layers x hidden x heads")
     parser.add_argument("--teachers", nargs="+", default=["2x128x4", "4x192x4"])
     parser.add_argument("--layouts", nargs="+", default=["1:1:1", "2:2:1", "2:2:2"],
-                        help="world:student TP:teacher TP")  # fmt: skip
+                        help="world:student TP:teacher TP[:student PP[:last]]")  # fmt: skip
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--mbs", type=int, default=2)
@@ -361,11 +454,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the micro-timings")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--quick", action="store_true", help="one teacher, 2 layouts, short")
+    parser.add_argument("--pipeline", action="store_true", help="PP 1/2/4 rows (PIPELINE)")
     parser.add_argument("--write-docs", action="store_true")
+    if "--pipeline" in (argv if argv is not None else sys.argv[1:]):
+        parser.set_defaults(**PIPELINE)
     args = parser.parse_args(argv)
     if args.quick:
-        args.teachers, args.layouts = args.teachers[:1], ["1:1:1", "2:2:1"]
-        args.steps, args.rounds, args.reps = 2, 2, 2
+        args.teachers, args.steps, args.rounds, args.reps = args.teachers[:1], 2, 2, 2
+        balanced = [text for text in args.layouts if not text.endswith(":last")]
+        args.layouts = balanced if args.pipeline else ["1:1:1", "2:2:1"]
     return args
 
 
@@ -374,13 +471,14 @@ def main(argv: list[str] | None = None) -> None:
     from tests.distributed.launcher import run_distributed
 
     args = _parse(argv)
-    opts = {k: v for k, v in vars(args).items() if k not in ("layouts", "quick", "write_docs")}
+    skip = ("layouts", "quick", "pipeline", "write_docs")
+    opts = {k: v for k, v in vars(args).items() if k not in skip}
     rows: list[dict] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="teacher_overhead_") as tmp:
         for text in args.layouts:
-            world, tp, ttp = (int(x) for x in text.split(":"))
-            rows += run_distributed(bench_worker, world, opts, tmp, tp, ttp)[0]
+            lay = Layout.parse(text)
+            rows += run_distributed(bench_worker, lay.world, opts, tmp, lay)[-1]
             print(_table(rows[-len(args.teachers) :]), flush=True)
     text = (
         f"Machine: {machine()}; torch {torch.__version__}; vocab {args.vocab} (padded as shown "
@@ -393,9 +491,12 @@ def main(argv: list[str] | None = None) -> None:
         f"`python benchmarks/teacher_overhead.py {' '.join(argv or sys.argv[1:])}`\n\n"
         + _table(rows)
     )
+    summary = pipeline_summary(rows)
+    text += f"\n\n{summary}" if summary else ""
     print("\n" + text)
     if args.write_docs:
-        write_docs(text)
+        pipeline = "## Teacher overhead over pipeline stages"
+        write_docs(text, pipeline if args.pipeline else "## Teacher overhead")
 
 
 if __name__ == "__main__":

@@ -195,6 +195,8 @@ class Plan:
     total_hours: float
     hardware: Hardware
     warnings: list[str] = field(default_factory=list)
+    overhead_last_stage: float = 1.0
+    """KD over plain step with the whole teacher on the last stage (for comparison; PP > 1)."""
 
 
 def _teacher_enabled(cfg: SaltConfig) -> bool:
@@ -357,9 +359,11 @@ def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) 
     busiest = max(stages, key=lambda st: totals[st][0])
     flops = _flops(cfg, vocab_size)
     spad = _padded(cfg, vocab_size)
-    pipelined = 1.0 + flops.get("teacher fwd", 0.0) / flops["student fwd+bwd"]
+    pipelined = last = 1.0 + flops.get("teacher fwd", 0.0) / flops["student fwd+bwd"]
     if "teacher fwd" in flops and pp > 1:
-        pipelined = kd_step_ratio(cfg.model, cfg.teacher, cfg.data.seq_length, spad, pp, n_micro)
+        shapes = (cfg.model, cfg.teacher, cfg.data.seq_length, spad, pp, n_micro)
+        pipelined = kd_step_ratio(*shapes)
+        last = kd_step_ratio(*shapes, balanced=False)
     steps, ideal, hours = _times(cfg, flops, world_size, hardware, pipelined)
     result = Plan(
         world_size=world_size,
@@ -384,6 +388,7 @@ def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) 
         overhead_pipeline=pipelined,
         total_hours=hours,
         hardware=hardware,
+        overhead_last_stage=last,
     )
     result.warnings = _warnings(cfg, result)
     return result
@@ -451,6 +456,7 @@ def format_plan(cfg: SaltConfig, p: Plan) -> str:
         flops.append(("KD overhead, ideal", f"x{p.overhead_ideal:.3f}"))
         if par.pipeline_model_parallel_size > 1:
             flops.append(("KD overhead, slowest pipeline stage", f"x{p.overhead_pipeline:.3f}"))
+            flops.append(("  (whole teacher on the last stage", f"x{p.overhead_last_stage:.3f})"))
     lines += _table("FLOPs", flops)
     times = [(k, f"{v:8.3f} s") for k, v in p.step_seconds.items()]
     times.append(
