@@ -109,11 +109,11 @@ class Layout:
     def parse(cls, text: str) -> Layout:
         """``"4:1:1:4:last"`` -> Layout(4, 1, 1, 4, "last")."""
         parts = text.split(":")
-        numbers = [int(x) for x in parts[:4]]
+        world, tp, ttp, pp = [int(x) for x in parts[:4]] + [1] * (4 - len(parts[:4]))
         placement = parts[4] if len(parts) > 4 else "balanced"
         if placement not in ("balanced", "last"):
             raise ValueError(f"layout {text!r}: placement must be 'balanced' or 'last'")
-        return cls(*numbers, placement=placement)  # type: ignore[arg-type]
+        return cls(world, tp, ttp, pp, placement)
 
     def flags(self) -> list[str]:
         """The parallelism flags."""

@@ -226,8 +226,7 @@ def test_each_stage_runs_its_block_and_only_the_last_the_head(
             blocks = stage_blocks(run["n_micro"], p)
             assert run["body"] == len(blocks[run["stage"]]), (name, run)
             assert run["head"] == (run["n_micro"] if run["stage"] == p - 1 else 0), (name, run)
-    blocks = [len(b) for b in stage_blocks(6, 4)]
-    assert blocks == [2, 2, 1, 1]
+    assert [len(b) for b in stage_blocks(6, 4)] == [2, 2, 1, 1]
 
 
 def test_release_frees_every_stage(results: tuple[Any, list[dict[str, Any]]]) -> None:
