@@ -62,8 +62,9 @@ class TeacherPass:
         mine = blocks[self.peers.stage]
         if self.peers.is_last:
             self._gather(batches, blocks)
-        else:
-            works = [self.peers.send_to_last(self._hidden(batches[m])) for m in mine]
+        else:  # in the dtype of the last stage's buffer (the same unless a layer upcasts)
+            dtype = self.teacher.empty_hidden(0, 0).dtype
+            works = [self.peers.send_to_last(self._hidden(batches[m]).to(dtype)) for m in mine]
             wait_all(works)
         return [iter(batches) if it is not None else None for it in iterators]
 
