@@ -91,15 +91,20 @@ def saved_bf16(meta: dict[str, Any]) -> bool:
     return bool(((meta.get("config") or {}).get("training") or {}).get("bf16", False))
 
 
-def check_tokenizer(meta: dict[str, Any], path: str, tokenizer_model: str | None) -> Any:
-    """Load the sentencepiece tokenizer and check its fingerprint against the checkpoint's."""
-    from salt_megatron.data.tokenizer import SentencePieceTokenizer
+def check_tokenizer(
+    meta: dict[str, Any], path: str, tokenizer_model: str | None, tokenizer_type: str | None = None
+) -> Any:
+    """Load the tokenizer and check its fingerprint against the checkpoint's.
 
-    saved_path = ((meta.get("config") or {}).get("data") or {}).get("tokenizer_model")
-    model_path = tokenizer_model or saved_path
+    ``tokenizer_model``/``tokenizer_type`` default to the checkpoint's saved ones.
+    """
+    from salt_megatron.data.tokenizer import load_tokenizer
+
+    saved = (meta.get("config") or {}).get("data") or {}
+    model_path = tokenizer_model or saved.get("tokenizer_model")
     if not model_path:
         raise EvalError(f"{path} was saved without a tokenizer model: pass --tokenizer-model")
-    tokenizer = SentencePieceTokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, tokenizer_type or saved.get("tokenizer_type"))
     saved_fp = str(meta.get("tokenizer_fingerprint") or "")
     if tokenizer.fingerprint != saved_fp:
         raise EvalError(
@@ -267,6 +272,7 @@ def eval_config(args: argparse.Namespace, meta: dict[str, Any], path: str) -> Sa
             split=args.split,
             data_cache_path=args.data_cache_path,
             tokenizer_model=args.tokenizer_model or saved_data.get("tokenizer_model"),
+            tokenizer_type=args.tokenizer_type or saved_data.get("tokenizer_type"),
             seq_length=args.seq_length or int(saved_data.get("seq_length", 256)),
         ),
         training=TrainingConfig(
@@ -288,7 +294,9 @@ def run(args: argparse.Namespace) -> EvalResult:
 
     ckpt = resolve(args.load, args.step)
     cfg = eval_config(args, ckpt.meta, ckpt.path)
-    tokenizer = check_tokenizer(ckpt.meta, ckpt.path, cfg.data.tokenizer_model)
+    tokenizer = check_tokenizer(
+        ckpt.meta, ckpt.path, cfg.data.tokenizer_model, cfg.data.tokenizer_type
+    )
     padded = saved_padded_vocab(ckpt.meta, ckpt.path, cfg.parallel.tensor_model_parallel_size)
     world = init_world()
     if world % cfg.parallel.model_parallel_size:
@@ -317,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--tokenizer-model", help="default: the checkpoint's saved path")
+    p.add_argument(
+        "--tokenizer-type",
+        choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"),
+        help="default: the checkpoint's, else inferred from --tokenizer-model",
+    )
     p.add_argument("--seq-length", type=int, help="default: the checkpoint's training length")
     p.add_argument("--seed", type=int, help="dataset shuffle seed (default: the checkpoint's)")
     p.add_argument("--data-cache-path", help="index cache (default: beside the data)")

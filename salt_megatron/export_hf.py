@@ -1,7 +1,9 @@
-"""Export a checkpoint to a Hugging Face ``transformers`` Llama folder (config, weights, tokenizer).
+"""Export a checkpoint to a Hugging Face ``transformers`` folder (config, weights, tokenizer).
 
 The full weights are read by building the model at TP = PP = 1 in one process (a world of 1) and
-loading the dist checkpoint into it (any saved layout), then renamed into Llama's names. The
+loading the dist checkpoint into it (any saved layout), then renamed by :mod:`hf_format` into
+Llama's names (Qwen2's with a QKV bias, Qwen3's with QK layernorm; a checkpoint made by
+``import_hf`` keeps its source architecture and ``config.json``, so the round trip is exact). The
 padded vocabulary rows (megatron pads the embedding to a multiple of 128 x TP) are dropped by
 default, so the exported ``vocab_size`` is the tokenizer's and generation can never emit an id
 the tokenizer cannot decode; ``keep_padded_vocab`` keeps them (then the exported model's softmax
@@ -11,6 +13,7 @@ is exactly ours, padding columns included). ``transformers`` is not needed to ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -30,134 +33,63 @@ from salt_megatron.evaluation import (
     saved_model_config,
     saved_padded_vocab,
 )
+from salt_megatron.hf_format import (
+    HFFormatError,
+    architecture_for,
+    hf_config,
+    megatron_to_hf,
+    model_config_from_hf,
+)
 
 
 class ExportError(ValueError):
-    """The checkpoint cannot be exported as a Llama model; the message says why."""
+    """The checkpoint cannot be exported; the message says why."""
 
 
-def check_llama(model: ModelConfig) -> None:
-    """Refuse configurations that Llama cannot express (each problem named)."""
-    problems = []
-    if model.normalization != "RMSNorm":
-        problems.append(f"normalization {model.normalization} (Llama uses RMSNorm)")
-    if not model.swiglu:
-        problems.append("a GELU MLP (Llama uses SwiGLU: train with --swiglu)")
-    if model.position_embedding_type != "rope":
-        problems.append(f"{model.position_embedding_type} position embeddings (Llama uses rope)")
-    if model.add_bias_linear:
-        problems.append("biases in the linear layers (--add-bias-linear)")
-    if problems:
-        raise ExportError("not a Llama-compatible model: " + "; ".join(problems))
+def target_architecture(model: ModelConfig, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The architecture to write and, for a checkpoint made by ``import_hf``, its source config.
 
-
-# ---- weights -----------------------------------------------------------------------------------
-def split_qkv(
-    weight: torch.Tensor, heads: int, groups: int, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """megatron's fused ``linear_qkv`` weight -> Llama's ``q_proj``, ``k_proj``, ``v_proj``.
-
-    megatron stores, per query group ``g``, its ``heads/groups`` query heads, then its key head,
-    then its value head: rows ``[g][q_0..q_{r-1}, k, v][head_dim]``. Query head ``j`` belongs to
-    group ``j // r``, which is Llama's ``repeat_kv`` pairing too.
+    An imported checkpoint keeps its original architecture and ``config.json`` (so that
+    ``export(import(x)) == x``) as long as that config still describes ``model``; anything else
+    gets the architecture :func:`hf_format.architecture_for` picks.
     """
-    r = heads // groups
-    hidden = weight.shape[-1]
-    w = weight.reshape(groups, r + 2, head_dim, hidden)
-    q = w[:, :r].reshape(heads * head_dim, hidden)
-    k = w[:, r].reshape(groups * head_dim, hidden)
-    v = w[:, r + 1].reshape(groups * head_dim, hidden)
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    source = (meta.get("source") or {}).get("config")
+    if isinstance(source, dict):
+        try:
+            original = model_config_from_hf(source)
+        except HFFormatError:
+            original = None
+        if original is not None and _same_shape(original.model, model):
+            return original.architecture, source
+    try:
+        return architecture_for(model), {}
+    except HFFormatError as exc:
+        raise ExportError(str(exc)) from None
 
 
-def _layer_names(i: int) -> dict[str, str]:
-    """megatron name (after ``decoder.layers.i.``) -> Llama name, for 1:1 tensors."""
-    pre = f"model.layers.{i}."
-    return {
-        "input_layernorm.weight": pre + "input_layernorm.weight",
-        "self_attention.linear_qkv.layer_norm_weight": pre + "input_layernorm.weight",  # TE
-        "self_attention.linear_proj.weight": pre + "self_attn.o_proj.weight",
-        "pre_mlp_layernorm.weight": pre + "post_attention_layernorm.weight",
-        "mlp.linear_fc1.layer_norm_weight": pre + "post_attention_layernorm.weight",  # TE
-        "mlp.linear_fc2.weight": pre + "mlp.down_proj.weight",
-    }
-
-
-def llama_state_dict(sd: dict[str, torch.Tensor], model: ModelConfig, vocab: int) -> dict[str, Any]:
-    """Rename and split a TP=1 megatron GPT state dict into Llama's; keep ``vocab`` rows.
-
-    Every megatron weight must be used (``_extra_state`` entries aside): a leftover is an error,
-    so a layer kind this mapping does not know cannot be silently dropped.
-    """
-    heads, hidden = model.num_attention_heads, model.hidden_size
-    groups, head_dim = model.num_query_groups or heads, hidden // heads
-    left = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
-    out: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": left.pop("embedding.word_embeddings.weight")[:vocab],
-        "model.norm.weight": left.pop("decoder.final_layernorm.weight"),
-    }
-    if model.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = left.pop("output_layer.weight")[:vocab]
-    for i in range(model.num_layers):
-        src = f"decoder.layers.{i}."
-        for name, dst in _layer_names(i).items():
-            if src + name in left:
-                out[dst] = left.pop(src + name)
-        q, k, v = split_qkv(
-            left.pop(src + "self_attention.linear_qkv.weight"), heads, groups, head_dim
-        )
-        gate, up = left.pop(src + "mlp.linear_fc1.weight").chunk(2, dim=0)
-        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        out |= {attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v}
-        out |= {mlp + "gate_proj.weight": gate, mlp + "up_proj.weight": up}
-    if left:
-        raise ExportError(f"megatron weights with no Llama counterpart: {sorted(left)}")
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
-
-
-def llama_config(
-    model: ModelConfig, vocab: int, ffn: int, dtype: torch.dtype, special: dict[str, int]
-) -> dict[str, Any]:
-    """``config.json`` of the exported ``LlamaForCausalLM``."""
-    heads = model.num_attention_heads
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": model.hidden_size,
-        "intermediate_size": ffn,
-        "num_hidden_layers": model.num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": model.num_query_groups or heads,
-        "head_dim": model.hidden_size // heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": model.max_position_embeddings,
-        "rms_norm_eps": model.norm_epsilon,
-        "rope_theta": float(model.rotary_base),
-        "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": not model.untie_embeddings_and_output_weights,
-        "initializer_range": model.init_method_std,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": True,
-        "bos_token_id": special.get("bos"),
-        "eos_token_id": special.get("eos"),
-        "pad_token_id": special.get("pad"),
-    }
+def _same_shape(a: ModelConfig, b: ModelConfig) -> bool:
+    runtime = {"transformer_impl", "hidden_dropout", "attention_dropout", "vocab_size"}
+    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in runtime]
+    return all(getattr(a, name) == getattr(b, name) for name in fields)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
 def write_tokenizer(out: str, tokenizer: Any, max_length: int) -> dict[str, int]:
-    """Copy the sentencepiece model and write a LlamaTokenizer config; the special ids."""
-    shutil.copyfile(tokenizer.path, os.path.join(out, "tokenizer.model"))
+    """Write the tokenizer files ``AutoTokenizer`` loads; return the special ids it has.
+
+    A Hugging Face tokenizer's ``tokenizer.json`` and configs are copied as they are. A
+    sentencepiece model is copied with a LlamaTokenizer config (no ``<s>`` added, as our
+    preprocessing adds none).
+    """
     ids = {"unk": tokenizer.unk, "bos": tokenizer.bos, "eos": tokenizer.eos, "pad": tokenizer.pad}
+    if not hasattr(tokenizer, "_sp"):
+        tokenizer.copy_files(out)
+        return {name: i for name, i in ids.items() if i >= 0}
+    shutil.copyfile(tokenizer.path, os.path.join(out, "tokenizer.model"))
     pieces = {name: tokenizer.inv_vocab[i] for name, i in ids.items() if i >= 0}
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "model_max_length": max_length,
-        # Our preprocessing appends </s> after each document and adds no <s>: match it.
         "add_bos_token": False,
         "add_eos_token": False,
         "legacy": True,
@@ -181,6 +113,7 @@ class ExportSummary:
     vocab_size: int
     padded_vocab_size: int
     parameters: int
+    architecture: str
 
 
 def _full_state_dict(path: str, meta: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
@@ -220,36 +153,61 @@ def export(
     keep_padded_vocab: bool = False,
 ) -> ExportSummary:
     """Export the checkpoint under ``load`` (its latest, or ``step``) to the folder ``out``."""
-    from safetensors.torch import save_file
-
-    from salt_megatron.config import megatron as mcfg
     from salt_megatron.evaluation import check_tokenizer
 
     ckpt = resolve(load, step)
     model = saved_model_config(ckpt.meta, ckpt.path)
-    check_llama(model)
+    target_architecture(model, ckpt.meta)  # refuse before reading the weights
     tokenizer = None
     has_tokenizer = tokenizer_model or ((ckpt.meta.get("config") or {}).get("data") or {}).get(
         "tokenizer_model"
     )
     if has_tokenizer:
         tokenizer = check_tokenizer(ckpt.meta, ckpt.path, tokenizer_model)
-    padded = saved_padded_vocab(ckpt.meta, ckpt.path, 1)
-    true_vocab = int(ckpt.meta.get("vocab_size") or padded)
-    vocab = padded if keep_padded_vocab else true_vocab
-    sd = llama_state_dict(_full_state_dict(ckpt.path, ckpt.meta, model), model, vocab)
+    sd = _full_state_dict(ckpt.path, ckpt.meta, model)
+    return write_hf_folder(out, sd, model, ckpt.meta, tokenizer, keep_padded_vocab, ckpt.step)
+
+
+def write_hf_folder(
+    out: str,
+    sd: dict[str, torch.Tensor],
+    model: ModelConfig,
+    meta: dict[str, Any],
+    tokenizer: Any = None,
+    keep_padded_vocab: bool = False,
+    step: int = 0,
+) -> ExportSummary:
+    """Write the Hugging Face folder of a TP = 1 state dict ``sd`` of the checkpoint ``meta``.
+
+    Vocabulary rows: the tokenizer's (``meta["vocab_size"]``), the source model's for a
+    checkpoint made by ``import_hf``, or all padded rows with ``keep_padded_vocab``.
+    """
+    from safetensors.torch import save_file
+
+    from salt_megatron.config import megatron as mcfg
+
+    arch, source_config = target_architecture(model, meta)
+    padded = int(meta["padded_vocab_size"])
+    vocab = int(source_config.get("vocab_size", meta.get("vocab_size") or padded))
+    vocab = padded if keep_padded_vocab else vocab
+    hf_sd = megatron_to_hf(sd, model, vocab)
     os.makedirs(out, exist_ok=True)
     special = write_tokenizer(out, tokenizer, model.max_position_embeddings) if tokenizer else {}
-    dtype = next(iter(sd.values())).dtype
-    config = llama_config(model, vocab, mcfg.ffn_hidden_size(model), dtype, special)
-    save_file(sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    dtype = next(iter(hf_sd.values())).dtype
+    config = dict(source_config) or hf_config(
+        model, arch, vocab, mcfg.ffn_hidden_size(model), dtype
+    )
+    config["vocab_size"] = vocab
+    for name in ("bos", "eos", "pad"):
+        config.setdefault(f"{name}_token_id", special.get(name))
+    save_file(hf_sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    generation = {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump(generation, f, indent=2)
-    n_params = sum(t.numel() for t in sd.values())
-    return ExportSummary(out, ckpt.step, vocab, padded, n_params)
+    n_params = sum(t.numel() for t in hf_sd.values())
+    return ExportSummary(out, step, vocab, padded, n_params, arch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = export(
             args.load, args.out, args.step, args.tokenizer_model, args.keep_padded_vocab
         )
-    except (ExportError, EvalError, ConfigError, DataError, CheckpointError) as exc:
+    except (ExportError, HFFormatError, EvalError, ConfigError, DataError, CheckpointError) as exc:
         print(f"export_hf.py: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"exported step {summary.step} to {summary.out}: {summary.parameters / 1e6:.2f}M "
+        f"exported step {summary.step} to {summary.out} ({summary.architecture}): "
+        f"{summary.parameters / 1e6:.2f}M "
         f"parameters, vocab {summary.vocab_size} (padded {summary.padded_vocab_size})"
     )
     return 0

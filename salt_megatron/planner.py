@@ -62,8 +62,8 @@ class Hardware:
 # ----------------------------------------------------------------------------- parameters
 
 
-def _norm_params(model: ModelConfig) -> int:
-    return model.hidden_size * (2 if model.normalization == "LayerNorm" else 1)
+def _norm_params(model: ModelConfig, width: int | None = None) -> int:
+    return (width or model.hidden_size) * (2 if model.normalization == "LayerNorm" else 1)
 
 
 def layer_params(model: ModelConfig, tp: int = 1) -> int:
@@ -72,15 +72,18 @@ def layer_params(model: ModelConfig, tp: int = 1) -> int:
     Column-parallel QKV and fc1 shard weights and biases; row-parallel projection and fc2 shard
     their weights, and their biases and the two norms are replicated.
     """
-    h = model.hidden_size
-    head_dim = h // model.num_attention_heads
+    h, head_dim = model.hidden_size, model.head_dim
+    q = model.num_attention_heads * head_dim
     kv = (model.num_query_groups or model.num_attention_heads) * head_dim
     ffn = mcfg.ffn_hidden_size(model)
     fc1_out = ffn * (2 if model.swiglu else 1)
     bias = model.add_bias_linear
-    column = h * (h + 2 * kv) + h * fc1_out + ((h + 2 * kv) + fc1_out if bias else 0)
-    row = h * h + ffn * h
+    qkv_bias = q + 2 * kv if bias or model.add_qkv_bias else 0
+    column = h * (q + 2 * kv) + h * fc1_out + qkv_bias + (fc1_out if bias else 0)
+    row = q * h + ffn * h
     replicated = 2 * _norm_params(model) + (2 * h if bias else 0)
+    if model.qk_layernorm:
+        replicated += 2 * _norm_params(model, head_dim)  # one query and one key norm
     return column // tp + row // tp + replicated
 
 
@@ -127,11 +130,11 @@ def activation_bytes_per_layer(
 ) -> float:
     """Stored 16-bit activations of one layer and micro-batch (Korthikanti et al., generalised)."""
     s, b, h, a = seq, micro_batch, model.hidden_size, model.num_attention_heads
-    kv = (model.num_query_groups or a) * (h // a)
+    q, kv = a * model.head_dim, (model.num_query_groups or a) * model.head_dim
     ffn = mcfg.ffn_hidden_size(model)
     fc1_outputs = 2 if model.swiglu else 1
     replicated = 10.0 * s * b * h  # 2 norm inputs, QKV and fc1 inputs, 2 dropout masks
-    attention = 2.0 * s * b * (2 * h + 2 * kv)  # Q, K, V and the projection's input
+    attention = 2.0 * s * b * (2 * q + 2 * kv)  # Q, K, V and the projection's input
     mlp = 2.0 * s * b * ffn * (fc1_outputs + 1)  # fc1 outputs and the activation's output
     scores = 0.0 if flash else 5.0 * a * s * s * b
     sharded = (attention + mlp + scores) / tp

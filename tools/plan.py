@@ -53,10 +53,10 @@ def _vocab(cfg: SaltConfig, override: int | None) -> int:
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size
     model = cfg.data.tokenizer_model
-    if model and Path(model).is_file():
-        import sentencepiece
+    if model and Path(model).exists():
+        from salt_megatron.data.tokenizer import load_tokenizer
 
-        return int(sentencepiece.SentencePieceProcessor(model_file=model).vocab_size())
+        return int(load_tokenizer(model, cfg.data.tokenizer_type).vocab_size)
     raise ConfigError("no vocabulary size: set --vocab-size or a readable --tokenizer-model")
 
 

@@ -76,6 +76,7 @@ def _score(cfg: Any, out: str, top_k: int) -> None:
     spec = ScoreSpec(
         list(cfg.data.data_path or []), cfg.data.seq_length, cfg.training.seed, top_k,
         len(dataset), str(cfg.data.tokenizer_model), str(cfg.distill.kd_teacher_load),
+        cfg.data.tokenizer_type,
     )  # fmt: skip
     scores = score_dataset(
         teacher, dataset, out, spec, cfg.training.micro_batch_size,

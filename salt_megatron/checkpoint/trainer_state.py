@@ -14,13 +14,16 @@ One checkpoint holds:
 
 Saves are synchronous. megatron's writer fetches its results queue from a *spawn*-context
 ``Manager``, which re-imports ``__main__`` in a fresh interpreter and hangs entry points that are
-not importable scripts (and costs seconds); :func:`_use_fork_results_queue` swaps in a
-fork-context queue before the first save.
+not importable scripts (and costs seconds); :func:`_use_in_process_results_queue` swaps in a
+thread queue before the first save. A synchronous save puts its results and reads them back with
+``get_nowait()`` in this process; a ``multiprocessing.Queue`` would race there (its ``put``
+returns before a feeder thread has written the item, so ``get_nowait`` can find it empty and the
+save fails with "results_queue should not be empty").
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import queue
 import random
 from typing import Any
 
@@ -40,21 +43,24 @@ SHAPE_FIELDS = (
     "hidden_size",
     "num_attention_heads",
     "num_query_groups",
+    "kv_channels",
     "ffn_hidden_size",
     "position_embedding_type",
     "normalization",
     "swiglu",
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
 )
 """Model fields that must match between a checkpoint and the run resuming from it."""
 
 
-def _use_fork_results_queue() -> None:
+def _use_in_process_results_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _save_strategy() -> Any:
@@ -126,7 +132,7 @@ def build_meta(trainer: Any, fingerprint: str, extra: dict[str, Any]) -> dict[st
 
 def save(trainer: Any, root: str, keep_last: int, fingerprint: str, extra: dict[str, Any]) -> str:
     """Save ``trainer`` atomically under ``root`` (every rank calls this); returns the dir."""
-    _use_fork_results_queue()
+    _use_in_process_results_queue()
     rank = dist.get_rank()
     if rank == 0:
         files.prepare_tmp(root, trainer.step)

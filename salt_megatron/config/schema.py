@@ -42,6 +42,8 @@ class ModelConfig:
     """Attention heads per layer."""
     num_query_groups: int | None = None
     """Key/value head groups for grouped-query attention; None means one per head (MHA)."""
+    kv_channels: int | None = None
+    """Width of each attention head (query, key and value); None means hidden / heads."""
     ffn_hidden_size: int | None = None
     """MLP width; None means 4 x hidden (or 8/3 x hidden rounded to 64 with --swiglu)."""
     vocab_size: int | None = None
@@ -52,6 +54,14 @@ class ModelConfig:
     """Rotary (rope) or learned absolute position embeddings."""
     rotary_base: int = 10000
     """RoPE base frequency."""
+    use_rope_scaling: bool = False
+    """Llama 3.x RoPE frequency scaling (megatron-core's: low/high frequency factors 1 and 4,
+    original context 8192)."""
+    rope_scaling_factor: float = 8.0
+    """Factor of the Llama 3.x RoPE scaling (with --use-rope-scaling)."""
+    rotary_seq_len_interpolation_factor: float | None = None
+    """Linear RoPE position interpolation: positions are divided by this factor (Hugging Face's
+    'linear' rope scaling); None: no interpolation."""
     max_position_embeddings: int = 4096
     """Largest sequence length the position embeddings support."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
@@ -64,6 +74,11 @@ class ModelConfig:
     """Separate input embedding and output projection weights."""
     add_bias_linear: bool = False
     """Biases in the linear layers."""
+    add_qkv_bias: bool = False
+    """Biases in the query/key/value projection only (Qwen2); --add-bias-linear implies them."""
+    qk_layernorm: bool = False
+    """Normalise every query and key head (the layers' norm type, width kv-channels) before RoPE
+    (Qwen3)."""
     hidden_dropout: float = 0.0
     """Dropout on the residual stream."""
     attention_dropout: float = 0.0
@@ -80,6 +95,21 @@ class ModelConfig:
         _positive(self, prefix, "num_layers", "hidden_size", "num_attention_heads")
         _positive(self, prefix, "num_query_groups", "ffn_hidden_size", "vocab_size")
         _positive(self, prefix, "make_vocab_size_divisible_by", "max_position_embeddings")
+        _positive(self, prefix, "kv_channels", "rope_scaling_factor")
+        _positive(self, prefix, "rotary_seq_len_interpolation_factor")
+        rope_options = self.use_rope_scaling or self.rotary_seq_len_interpolation_factor
+        _check(
+            not rope_options or self.position_embedding_type == "rope",
+            f"{_flag('use_rope_scaling', prefix)} and "
+            f"{_flag('rotary_seq_len_interpolation_factor', prefix)} need rope position "
+            f"embeddings, not {self.position_embedding_type}",
+        )
+        _check(
+            not (self.use_rope_scaling and self.rotary_seq_len_interpolation_factor),
+            f"{_flag('use_rope_scaling', prefix)} and "
+            f"{_flag('rotary_seq_len_interpolation_factor', prefix)} are two RoPE scalings: "
+            "use one",
+        )
         _check(
             self.hidden_size % self.num_attention_heads == 0,
             f"{_flag('hidden_size', prefix)} {self.hidden_size} is not divisible by "
@@ -94,6 +124,11 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"{_flag(name, prefix)} must be in [0, 1), got {value}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: --kv-channels, else hidden / heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def validate_tp(self, tp: int, tp_flag: str) -> None:
         """Check divisibility by a tensor-parallel size (named by ``tp_flag`` in messages)."""
@@ -168,7 +203,11 @@ class DistillConfig:
     """SALT's knowledge-distillation phase."""
 
     kd_teacher_load: str | None = None
-    """Checkpoint directory of the teacher; None trains without distillation."""
+    """Checkpoint directory of the teacher (ours, tools/import_hf.py's, or a Megatron-LM
+    torch_dist one); None trains without distillation."""
+    kd_teacher_tokenizer_model: str | None = None
+    """The tokenizer a Megatron-LM teacher was trained with, when the --tokenizer-model saved in
+    its args is not readable here; it must be the student's tokenizer (same fingerprint)."""
     kd_steps: int = 0
     """Length of the KD phase in optimizer steps (n_kd); 0 disables it."""
     kd_weight: float = 0.5
@@ -214,7 +253,11 @@ class DataConfig:
     data_cache_path: str | None = None
     """Directory for the dataset index caches (default: beside the data)."""
     tokenizer_model: str | None = None
-    """Path of the sentencepiece model."""
+    """The tokenizer: a sentencepiece .model file, or a Hugging Face tokenizer folder or its
+    tokenizer.json."""
+    tokenizer_type: Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"] | None = None
+    """Kind of --tokenizer-model (Megatron-LM's names); None infers it: a .model file is
+    sentencepiece, a folder or a .json file Hugging Face."""
     mock_data: bool = False
     """Train on megatron-core's synthetic mock GPT dataset (no files needed)."""
     seq_length: int = 256

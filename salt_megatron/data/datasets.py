@@ -168,7 +168,7 @@ def build_gpt_datasets(
 
     ``blend``: a prefix or ``"w1 p1 w2 p2"`` (see :func:`parse_blend`); ignored with ``mock``.
     ``split``: train/valid/test weights, e.g. ``"969,30,1"``. ``num_samples``: samples per
-    split (``None``: one epoch). ``tokenizer``: a :class:`SentencePieceTokenizer` (checked
+    split (``None``: one epoch). ``tokenizer``: a sentencepiece or Hugging Face tokenizer (checked
     against each prefix's ``.tokenizer.json`` unless ``verify_tokenizer=False``), or for
     ``mock=True`` e.g. ``NullTokenizer(vocab_size)``, which yields megatron's MockGPTDataset.
     ``cache_dir``: megatron's index cache, shared by all ranks. Must be called on all ranks

@@ -107,11 +107,19 @@ def read_sequence_lengths(prefix: str) -> np.ndarray:
     return np.memmap(f"{prefix}.idx", dtype=np.int32, mode="r", offset=_HEADER_BYTES, shape=(seqs,))
 
 
-def write_tokenizer_record(prefix: str, fingerprint: str, vocab_size: int, model_path: str) -> str:
+def write_tokenizer_record(
+    prefix: str, fingerprint: str, vocab_size: int, model_path: str, kind: str | None = None
+) -> str:
     """Write ``<prefix>.tokenizer.json`` atomically; return its path."""
     path = tokenizer_record_path(prefix)
     tmp = f"{path}.tmp{os.getpid()}"
-    record = {"fingerprint": fingerprint, "vocab_size": int(vocab_size), "model_path": model_path}
+    record: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "vocab_size": int(vocab_size),
+        "model_path": model_path,
+    }
+    if kind is not None:
+        record["type"] = kind
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
         f.write("\n")

@@ -5,8 +5,10 @@ JSON line (per blank-line-separated block of a text file), ``add_document`` per 
 end-of-document token appended to every non-empty document, the smallest dtype megatron's
 ``DType.optimal_dtype`` picks for the vocabulary (uint16 below 65500 ids, else int32).
 
-Workers tokenize batches of raw lines (JSON parsing and UTF-8 decoding happen there too); the
-parent writes them in input order, so the output does not depend on the worker count. Outputs
+Workers tokenize batches of raw lines (JSON parsing and UTF-8 decoding happen there too, then one
+batched encode per batch: the ``tokenizers`` library's ``encode_batch`` for Hugging Face
+tokenizers); the parent writes them in input order, so the output does not depend on the worker
+count. Outputs
 are written under temporary names and renamed at the end; ``<prefix>.tokenizer.json`` is
 written last and marks the dataset complete.
 """
@@ -27,13 +29,13 @@ from tqdm import tqdm
 from salt_megatron.data.corpus import BadLines, decode_record, iter_raw_records
 from salt_megatron.data.errors import DataError
 from salt_megatron.data.indexed import tokenizer_record_path, write_tokenizer_record
-from salt_megatron.data.tokenizer import SentencePieceTokenizer
+from salt_megatron.data.tokenizer import load_tokenizer
 
 _BATCH_RECORDS = 256
 Batch = tuple[str, list[tuple[int, bytes]]]
 Encoded = tuple[int, "np.ndarray | None", int, "str | None"]  # line, ids, bytes, error
 
-_worker_tokenizer: SentencePieceTokenizer | None = None
+_worker_tokenizer: Any = None
 _worker_options: tuple[str, bool] = ("text", True)
 
 
@@ -80,10 +82,14 @@ class PreprocessStats:
         return "\n".join(lines)
 
 
-def _init_worker(model_path: str, json_key: str, append_eod: bool) -> None:
-    """Pool initializer: load the tokenizer once per worker process."""
+def _init_worker(
+    model_path: str, tokenizer_type: str | None, json_key: str, append_eod: bool, pool: bool
+) -> None:
+    """Load the tokenizer once per worker process (``pool``: one of several processes)."""
     global _worker_tokenizer, _worker_options
-    _worker_tokenizer = SentencePieceTokenizer(model_path)
+    if pool:  # the processes are the parallelism: keep the Rust tokenizer single-threaded
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(model_path, tokenizer_type)
     _worker_options = (json_key, append_eod)
 
 
@@ -92,16 +98,21 @@ def _encode_batch(batch: Batch) -> list[Encoded]:
     assert _worker_tokenizer is not None, "worker not initialised"
     json_key, append_eod = _worker_options
     path, records = batch
-    out: list[Encoded] = []
-    for lineno, raw in records:
+    texts: dict[int, str] = {}
+    errors: dict[int, str] = {}
+    for k, (lineno, raw) in enumerate(records):
         try:
-            text = decode_record(raw, path, lineno, json_key)
+            texts[k] = decode_record(raw, path, lineno, json_key)
         except DataError as err:
-            out.append((lineno, None, len(raw), str(err)))
+            errors[k] = str(err)
+    encoded = dict(zip(texts, _worker_tokenizer.tokenize_batch(list(texts.values()))))
+    eod = [_worker_tokenizer.eod] if append_eod else []
+    out: list[Encoded] = []
+    for k, (lineno, raw) in enumerate(records):
+        if k in errors:
+            out.append((lineno, None, len(raw), errors[k]))
             continue
-        ids = _worker_tokenizer.tokenize(text)
-        if ids and append_eod:
-            ids.append(_worker_tokenizer.eod)
+        ids = encoded[k] + eod if encoded[k] else []
         out.append((lineno, np.asarray(ids, dtype=np.int32), len(raw), None))
     return out
 
@@ -120,16 +131,23 @@ def _batches(paths: Sequence[str]) -> Iterator[Batch]:
 
 
 def _encoded_batches(
-    paths: Sequence[str], model_path: str, json_key: str, append_eod: bool, workers: int
+    paths: Sequence[str],
+    tokenizer: tuple[str, str | None],
+    json_key: str,
+    append_eod: bool,
+    workers: int,
 ) -> Iterator[list[Encoded]]:
-    """Tokenized batches in input order: in-process for one worker, else a process pool."""
+    """Tokenized batches in input order: in-process for one worker, else a process pool.
+
+    ``tokenizer``: ``(--tokenizer-model, --tokenizer-type)``, loaded in each worker.
+    """
     if workers <= 1:
-        _init_worker(model_path, json_key, append_eod)
+        _init_worker(*tokenizer, json_key, append_eod, False)
         yield from map(_encode_batch, _batches(paths))
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
-    with ctx.Pool(workers, _init_worker, (model_path, json_key, append_eod)) as pool:
+    with ctx.Pool(workers, _init_worker, (*tokenizer, json_key, append_eod, True)) as pool:
         yield from pool.imap(_encode_batch, _batches(paths), chunksize=1)
 
 
@@ -158,19 +176,23 @@ def _write(
             stats.empty_documents += not len(ids)
 
 
-def _commit(prefix: str, tmp_bin: str, tmp_idx: str, tokenizer: SentencePieceTokenizer) -> None:
+def _commit(prefix: str, tmp_bin: str, tmp_idx: str, tokenizer: Any) -> None:
     """Rename the finished files into place; the tokenizer record goes last (completion mark)."""
     if os.path.exists(tokenizer_record_path(prefix)):
         os.remove(tokenizer_record_path(prefix))
     os.replace(tmp_bin, f"{prefix}.bin")
     os.replace(tmp_idx, f"{prefix}.idx")
     write_tokenizer_record(
-        prefix, tokenizer.fingerprint, tokenizer.vocab_size, os.path.abspath(tokenizer.path)
+        prefix,
+        tokenizer.fingerprint,
+        tokenizer.vocab_size,
+        os.path.abspath(tokenizer.path),
+        type(tokenizer).__name__,
     )
 
 
 @contextlib.contextmanager
-def atomic_indexed_builder(output_prefix: str, tokenizer: SentencePieceTokenizer) -> Iterator[Any]:
+def atomic_indexed_builder(output_prefix: str, tokenizer: Any) -> Iterator[Any]:
     """A megatron ``IndexedDatasetBuilder`` writing to temporary names, committed on success.
 
     On a clean exit the ``.bin/.idx`` are renamed into place and the tokenizer record written
@@ -204,9 +226,11 @@ def preprocess_files(
     append_eod: bool = True,
     skip_bad_lines: bool = False,
     progress: bool = True,
+    tokenizer_type: str | None = None,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (JSONL or text, in order) into ``output_prefix.bin/.idx``.
 
+    ``tokenizer_model``/``tokenizer_type``: see :func:`salt_megatron.data.load_tokenizer`.
     Also writes ``output_prefix.tokenizer.json`` (fingerprint, vocab size, model path). A bad
     record raises :class:`DataError` naming file and line, unless ``skip_bad_lines``, which
     counts and reports them (``stats.bad_lines``). No output is left behind on failure.
@@ -219,13 +243,17 @@ def preprocess_files(
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"input file not found: {path}")
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
+    if append_eod:
+        tokenizer.eod  # noqa: B018 - a tokenizer without an end-of-document token fails here
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     stats = PreprocessStats(output_prefix, np.dtype(dtype).name, max(1, workers))
     total = sum(os.path.getsize(p) for p in paths)
     start = time.perf_counter()
     with atomic_indexed_builder(output_prefix, tokenizer) as builder:
-        encoded = _encoded_batches(paths, tokenizer.path, json_key, append_eod, workers)
+        encoded = _encoded_batches(
+            paths, (tokenizer.path, tokenizer_type), json_key, append_eod, workers
+        )
         with tqdm(
             total=total,
             unit="B",

@@ -1,8 +1,9 @@
-"""Tokenizers for the data pipeline: a sentencepiece model and a vocabulary-only null tokenizer.
+"""Tokenizers for the data pipeline: sentencepiece, Hugging Face (``hf_tokenizer``), and null.
 
-Both follow megatron-core's tokenizer interface as :class:`GPTDatasetConfig` uses it
-(``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``, ``tokenize``/``detokenize``, and the
-rest of ``megatron.core.tokenizers.MegatronTokenizerBase``'s methods) by duck typing rather than
+:func:`load_tokenizer` opens a ``--tokenizer-model`` of either ``--tokenizer-type``. All follow
+megatron-core's tokenizer interface as :class:`GPTDatasetConfig` uses it (``vocab_size``,
+``eod``, ``pad``, ``unique_identifiers``, ``tokenize``/``detokenize``, and the rest of
+``megatron.core.tokenizers.MegatronTokenizerBase``'s methods) by duck typing rather than
 inheritance, so that this module (and the tokenizer-training CLI) does not import megatron-core,
 which costs ~6-10 s per process. ``GPTDatasetConfig`` only type-hints the base class.
 """
@@ -33,7 +34,27 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-class SentencePieceTokenizer:
+class FingerprintedTokenizer:
+    """Identity of a tokenizer: ``fingerprint`` and megatron's dataset-cache key from it."""
+
+    _fingerprint: str
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 hex digest identifying the text -> ids mapping."""
+        return self._fingerprint
+
+    def _identity(self) -> list[tuple[str, Any]]:
+        return [("fingerprint", self._fingerprint)]
+
+    @property
+    def unique_identifiers(self) -> OrderedDict[str, Any]:
+        """What megatron hashes into its dataset-cache key (class, fingerprint, ...)."""
+        kind = f"{type(self).__module__}.{type(self).__qualname__}"
+        return OrderedDict([("class", kind), *self._identity()])
+
+
+class SentencePieceTokenizer(FingerprintedTokenizer):
     """A sentencepiece model behind megatron-core's tokenizer interface.
 
     ``eod`` is the model's ``</s>`` (eos) id; ``pad`` is its pad id (``-1`` when the model has
@@ -54,21 +75,6 @@ class SentencePieceTokenizer:
             self._sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError) as err:
             raise DataError(f"{self.path}: not a sentencepiece model ({err})") from err
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 hex digest of the model file's bytes."""
-        return self._fingerprint
-
-    @property
-    def unique_identifiers(self) -> OrderedDict[str, Any]:
-        """What megatron hashes into its dataset-cache key (class and model fingerprint)."""
-        return OrderedDict(
-            [
-                ("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-                ("fingerprint", self._fingerprint),
-            ]
-        )
 
     @property
     def vocab_size(self) -> int:
@@ -114,6 +120,10 @@ class SentencePieceTokenizer:
         """Text -> ids (no bos/eos added)."""
         return list(self._sp.encode(text, out_type=int))
 
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts -> ids in one call."""
+        return [list(ids) for ids in self._sp.encode(list(texts), out_type=int)]
+
     def detokenize(self, ids: Iterable[int]) -> str:
         """Ids -> text."""
         return str(self._sp.decode([int(i) for i in ids]))
@@ -127,6 +137,36 @@ class SentencePieceTokenizer:
             f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size}, "
             f"fingerprint={self._fingerprint[:12]})"
         )
+
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+"""``--tokenizer-type`` values (Megatron-LM's names)."""
+
+
+def infer_tokenizer_type(path: str | os.PathLike[str]) -> str:
+    """``HuggingFaceTokenizer`` for a folder or a ``.json`` file, else sentencepiece."""
+    p = str(path)
+    return "HuggingFaceTokenizer" if os.path.isdir(p) or p.endswith(".json") else TOKENIZER_TYPES[0]
+
+
+def load_tokenizer(path: str | os.PathLike[str], tokenizer_type: str | None = None) -> Any:
+    """The tokenizer at ``path`` (``--tokenizer-model``) of ``tokenizer_type`` (None: inferred).
+
+    Raises :class:`DataError` for an unknown type, a missing path, or a file of the other kind.
+    """
+    kind = tokenizer_type or infer_tokenizer_type(path)
+    if kind == "HuggingFaceTokenizer":
+        from salt_megatron.data.hf_tokenizer import HuggingFaceTokenizer
+
+        return HuggingFaceTokenizer(path)
+    if kind != "SentencePieceTokenizer":
+        raise DataError(f"--tokenizer-type {kind!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
+    if os.path.isdir(path):
+        raise DataError(
+            f"--tokenizer-model {path} is a folder: a sentencepiece model is one .model file "
+            "(use --tokenizer-type HuggingFaceTokenizer for a Hugging Face tokenizer folder)"
+        )
+    return SentencePieceTokenizer(path)
 
 
 class NullTokenizer:

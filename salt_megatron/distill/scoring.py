@@ -36,6 +36,7 @@ class ScoreSpec:
     num_samples: int
     tokenizer_model: str
     teacher: str
+    tokenizer_type: str | None = None
 
 
 def _save_atomic(path: str, **arrays: np.ndarray) -> None:

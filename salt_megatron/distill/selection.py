@@ -6,7 +6,7 @@ import numpy as np
 
 from salt_megatron.data.datasets import build_gpt_datasets
 from salt_megatron.data.preprocess import atomic_indexed_builder
-from salt_megatron.data.tokenizer import SentencePieceTokenizer
+from salt_megatron.data.tokenizer import load_tokenizer
 from salt_megatron.distill.scoring import ScoreSpec, torch_tokens
 
 
@@ -18,7 +18,7 @@ def write_selection(
     Each document holds the sample's ``seq_length + 1`` tokens, so a GPTDataset over the output
     with the same sequence length yields the chosen sequences.
     """
-    tokenizer = SentencePieceTokenizer(spec.tokenizer_model)
+    tokenizer = load_tokenizer(spec.tokenizer_model, spec.tokenizer_type)
     dataset = build_gpt_datasets(
         spec.data_path, "1,0,0", spec.seq_length, spec.seed, (None, 0, 0), tokenizer, cache_dir
     )[0]

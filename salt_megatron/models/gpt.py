@@ -90,9 +90,20 @@ def _local_block_spec(
     pp_rank: int | None,
     init_seed: int,
 ) -> TransformerBlockSubmodules:
-    layer = get_gpt_layer_local_spec(normalization=model.normalization)
+    layer = get_gpt_layer_local_spec(
+        normalization=model.normalization, qk_layernorm=model.qk_layernorm
+    )
+    attention = layer.submodules.self_attention
+    if model.qk_layernorm:
+        qk_norms = {"q_layernorm": LocalNorm, "k_layernorm": LocalNorm}
+        attention = dataclasses.replace(
+            attention, submodules=dataclasses.replace(attention.submodules, **qk_norms)
+        )
     subs = dataclasses.replace(
-        layer.submodules, input_layernorm=LocalNorm, pre_mlp_layernorm=LocalNorm
+        layer.submodules,
+        input_layernorm=LocalNorm,
+        pre_mlp_layernorm=LocalNorm,
+        self_attention=attention,
     )
     layer = ModuleSpec(
         module=SeededTransformerLayer,
@@ -118,7 +129,7 @@ def layer_spec(
                 "cannot be imported; install it (pip install 'salt-megatron[gpu]' or the NVIDIA "
                 "PyTorch container) or use --transformer-impl local"
             )
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     return _local_block_spec(model, config, vp_stage, pp_rank, init_seed)
 
 
@@ -161,6 +172,9 @@ def build_gpt(
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type=model.position_embedding_type,
         rotary_base=model.rotary_base,
+        rope_scaling=model.use_rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
+        seq_len_interpolation_factor=model.rotary_seq_len_interpolation_factor,
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )

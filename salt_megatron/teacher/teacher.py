@@ -24,9 +24,9 @@ import logging
 from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
 
+from salt_megatron.checkpoint import untrusted
 from salt_megatron.config import megatron as mcfg
 from salt_megatron.config.schema import ModelConfig, SaltConfig
 from salt_megatron.models.fp8 import check_fp8, release_fp8_state
@@ -72,19 +72,20 @@ def _load_weights(
     replica group: one main replica per shard whatever the student's layout); the output
     layer's own shards are dropped and the model's output layer becomes :class:`FinalHiddenStates`
     before anything is read. The head reads its slice as a second load: with tied embeddings
-    its key is the embedding's, sharded differently.
+    its key is the embedding's, sharded differently. The checkpoint is someone else's: nothing in
+    it is unpickled beyond plain metadata (:mod:`salt_megatron.checkpoint.untrusted`).
     """
     assert groups.pgs is not None
     body = model.sharded_state_dict(metadata={"dp_cp_group": groups.pgs.dp})
     for name in [k for k in body if k.startswith("output_layer.")]:
         del body[name]
     model.output_layer = FinalHiddenStates()
-    state = dist_checkpointing.load({"model": body}, path)
-    model.load_state_dict(state["model"], strict=True)
+    state = untrusted.load_sharded({"model": body}, path)
+    untrusted.load_module_state(model, state["model"], path)
     if head is None or groups.head_index is None:
-        dist_checkpointing.load({}, path)
+        untrusted.load_sharded({}, path)
     else:
-        dist_checkpointing.load(head.sharded_state_dict(key, groups.head_index), path)
+        untrusted.load_sharded(head.sharded_state_dict(key, groups.head_index), path)
 
 
 class Teacher:

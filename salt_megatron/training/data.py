@@ -8,7 +8,8 @@ from typing import Any
 
 from salt_megatron.config.schema import ConfigError, SaltConfig
 from salt_megatron.data.datasets import build_gpt_datasets, parse_blend
-from salt_megatron.data.tokenizer import NullTokenizer, SentencePieceTokenizer
+from salt_megatron.data.errors import DataError
+from salt_megatron.data.tokenizer import NullTokenizer, load_tokenizer
 
 
 @dataclass
@@ -27,9 +28,16 @@ class RunData:
 
 
 def build_tokenizer(cfg: SaltConfig) -> Any:
-    """The sentencepiece tokenizer, or a null tokenizer of --vocab-size for --mock-data."""
+    """--tokenizer-model (of --tokenizer-type), or a null tokenizer of --vocab-size for --mock-data.
+
+    A tokenizer without an end-of-document token is refused here, before any data is read.
+    """
     if cfg.data.tokenizer_model:
-        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+        try:
+            tokenizer.eod  # noqa: B018 - every document of the data ends with it
+        except DataError as exc:
+            raise ConfigError(f"--tokenizer-model: {exc}") from None
         if cfg.model.vocab_size not in (None, tokenizer.vocab_size):
             raise ConfigError(
                 f"--vocab-size {cfg.model.vocab_size} differs from the tokenizer's "

@@ -13,12 +13,12 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def linear_params_per_layer(model: ModelConfig) -> int:
     """Weights of one transformer layer's matrix multiplies (QKV, projection, MLP)."""
-    h = model.hidden_size
-    head_dim = h // model.num_attention_heads
+    h, head_dim = model.hidden_size, model.head_dim
+    q_dim = model.num_attention_heads * head_dim
     kv_dim = (model.num_query_groups or model.num_attention_heads) * head_dim
     ffn = mcfg.ffn_hidden_size(model)
     mlp_in = ffn * (2 if model.swiglu else 1)
-    return h * (h + 2 * kv_dim) + h * h + h * mlp_in + ffn * h
+    return h * (q_dim + 2 * kv_dim) + q_dim * h + h * mlp_in + ffn * h
 
 
 def forward_flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int) -> float:
@@ -28,7 +28,7 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int
     """
     layers = model.num_layers
     matmul = 2.0 * (layers * linear_params_per_layer(model) + model.hidden_size * vocab_size)
-    attention = layers * 4.0 * seq_length * model.hidden_size
+    attention = layers * 4.0 * seq_length * model.num_attention_heads * model.head_dim
     return matmul + attention
 
 

@@ -39,7 +39,7 @@ def _step_tensors(trainer: Any) -> list[Any]:
 
 
 def _roundtrip(root: str) -> dict[str, Any]:
-    import multiprocessing.queues
+    import queue
 
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -75,8 +75,8 @@ def _roundtrip(root: str) -> dict[str, Any]:
         "ref_steps": sorted(set(ref_steps)),
         "loss": loss,
         "ref_loss": ref_loss,
-        # a plain (fork-context) queue, not the spawn-context Manager proxy megatron creates
-        "plain_queue": isinstance(filesystem_async._results_queue, multiprocessing.queues.Queue),
+        # an in-process queue, not the spawn-context Manager proxy megatron creates
+        "plain_queue": isinstance(filesystem_async._results_queue, queue.Queue),
     }
 
 

@@ -31,7 +31,15 @@ SHAPES = {
         max_position_embeddings=64,
     ),
     "defaults": ModelConfig(num_layers=2, hidden_size=64, max_position_embeddings=64),
-}
+    "qwen2_qkv_bias": ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        add_qkv_bias=True, max_position_embeddings=64,
+    ),
+    "qwen3_qk_norm_wide_heads": ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+        qk_layernorm=True, max_position_embeddings=64,
+    ),
+}  # fmt: skip
 VOCAB = 256
 
 

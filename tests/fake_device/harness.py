@@ -30,7 +30,8 @@ Stubs, all confined to the test process that installs them (never in the package
   ``torch.accelerator.{is_available, current_accelerator, current_device_index,
   set_device_index, current_stream}`` answer for one "cuda" device (the DataLoader's pinning
   thread and ``torch.optim``'s graph-capture check ask).
-* megatron's ``dist_checkpointing.load`` (only where a test asks, :func:`stub_checkpoint_load`):
+* megatron's ``dist_checkpointing.load`` and the teacher's ``untrusted.load_sharded`` (only where
+  a test asks, :func:`stub_checkpoint_load`):
   torch's DCP refuses to load into meta tensors. The stub returns, for each requested shard, an
   empty tensor of its shape, dtype and device (real loading is covered by the CPU tiers).
 * megatron's gradient-norm fallback for machines without TE and apex
@@ -289,7 +290,9 @@ def _install_cuda_api() -> None:
 
 
 def stub_checkpoint_load() -> None:
-    """Make ``dist_checkpointing.load`` return shape-faithful empty shards (DCP cannot load meta).
+    """Make ``dist_checkpointing.load`` and the teacher's loader
+    (:func:`salt_megatron.checkpoint.untrusted.load_sharded`) return shape-faithful empty shards
+    (DCP cannot load meta).
 
     The returned tensors follow each requested shard's shape, dtype and device, through
     megatron's own pre-processing and factory merges, so ``load_state_dict(strict=True)`` still
@@ -300,6 +303,8 @@ def stub_checkpoint_load() -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factory_merges
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
     from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    from salt_megatron.checkpoint import untrusted
 
     def load(sharded: dict[str, Any], checkpoint_dir: str, *_a: Any, **_k: Any) -> Any:
         if not os.path.isdir(checkpoint_dir):
@@ -315,6 +320,7 @@ def stub_checkpoint_load() -> None:
         return apply_factory_merges(loaded, factories)
 
     dist_checkpointing.load = load
+    untrusted.load_sharded = load  # type: ignore[assignment]
 
 
 class _Issued:

@@ -63,6 +63,21 @@ def launch(
     )
 
 
+def run_tool(
+    name: str, args: list[str], timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python tools/<name> *args`` in one process, with :func:`launch`'s environment."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / name), *args],
+        env=_env(None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def start(
     args: list[str],
     nproc: int = 1,

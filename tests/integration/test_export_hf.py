@@ -77,7 +77,7 @@ def _save_tp2(root: str, tokenizer_model: str, tokens: torch.Tensor) -> torch.Te
     step_dir = layout.iteration_dir(root, 3)
     os.makedirs(step_dir, exist_ok=True)
     dist.barrier()
-    trainer_state._use_fork_results_queue()
+    trainer_state._use_in_process_results_queue()
     dist_checkpointing.save(
         layout.model_sharded_state_dict([gpt]), step_dir, trainer_state._save_strategy()
     )
@@ -96,15 +96,17 @@ def _save_tp2(root: str, tokenizer_model: str, tokens: torch.Tensor) -> torch.Te
     return torch.cat(shards, dim=-1)
 
 
-def test_refuses_non_llama() -> None:
-    from salt_megatron.export_hf import ExportError, check_llama
+def test_refuses_what_no_architecture_expresses() -> None:
+    from salt_megatron.hf_format import HFFormatError, architecture_for
 
-    with pytest.raises(ExportError, match=r"LayerNorm.*SwiGLU.*learned_absolute"):
-        check_llama(
+    with pytest.raises(HFFormatError, match=r"LayerNorm.*SwiGLU.*learned_absolute"):
+        architecture_for(
             ModelConfig(
                 normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute"
             )
         )
+    with pytest.raises(HFFormatError, match="QKV bias together with QK layernorm"):
+        architecture_for(ModelConfig(add_qkv_bias=True, qk_layernorm=True))
 
 
 def test_export_matches_transformers(tmp_path: Path) -> None:
