@@ -24,13 +24,13 @@ import weakref
 from typing import Any
 
 import pytest
-import torch
 
 from tests.distributed.launcher import run_distributed
+from tests.distributed.test_parallel_equivalence import SEQ, VOCAB, PatternDataset
 
 pytestmark = pytest.mark.distributed
 
-SEQ, VOCAB, FINGERPRINT = 32, 250, "sha256:teacher-pipeline-test"
+FINGERPRINT = "sha256:teacher-pipeline-test"
 COMMON = [
     "--mock-data", "--vocab-size", str(VOCAB), "--seq-length", str(SEQ),
     "--make-vocab-size-divisible-by", "8", "--micro-batch-size", "2", "--global-batch-size",
@@ -52,26 +52,6 @@ LAYOUTS = {
 }  # fmt: skip
 RESUMED = "PP2xDP2-distopt"
 FIELDS = ("loss", "lm_loss", "kd_loss", "grad_norm")
-
-
-class PatternDataset:
-    """Deterministic learnable token sequences (odd positions follow from even ones)."""
-
-    def __init__(self, n: int = 96) -> None:
-        g = torch.Generator().manual_seed(0)
-        data = torch.randint(0, VOCAB, (n, SEQ + 1), generator=g)
-        data[:, 1::2] = (data[:, 0:-1:2] * 7 + 3) % VOCAB
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.data[i]
-        mask = torch.ones(SEQ)
-        mask[(i * 5) % SEQ :: 7] = 0.0
-        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": mask,
-                "position_ids": torch.arange(SEQ)}  # fmt: skip
 
 
 def _trainer(args: list[str]) -> Any:
