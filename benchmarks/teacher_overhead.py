@@ -60,11 +60,14 @@ PIPELINE_TARGET = 1.15
 """The KD/plain ratio at PP > 1 may exceed PP 1's by at most this factor (teacher balanced)."""
 PIPELINE = {
     "student": "8x256x4", "teachers": ["4x256x4"], "vocab": 1024, "seq": 128, "mbs": 2,
-    "gbs": 16, "layouts": ["1:1:1", "2:1:1:2", "2:1:1:2:last", "4:1:1:4", "4:1:1:4:last"],
+    "gbs": 16, "threads": 1,
+    "layouts": ["1:1:1", "2:1:1:2", "2:1:1:2:last", "4:1:1:4", "4:1:1:4:last"],
 }  # fmt: skip
 """``--pipeline``: shapes where transformer layers dominate (vocabulary 1024: the LM head is 4% of
 the student's FLOPs), a teacher of half the student's layers (about 17% of a student step, as
-in the paper), 8 micro-batches; PP 1, 2 and 4 with the teacher balanced, and on the last stage."""
+in the paper), 8 micro-batches; PP 1, 2 and 4 with the teacher balanced, and on the last stage;
+one thread per process at every layout (two threads of a shared 2-core machine wait on each other
+whenever another job takes one core, and the KD step's extra small ops pay that more often)."""
 
 
 @dataclass(frozen=True)
@@ -352,7 +355,7 @@ def bench_worker(opts: dict[str, Any], tmp: str, lay: Layout) -> list[dict]:
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(opts["threads"] or max(1, (os.cpu_count() or 1) // world))
     rows = []
     for text in opts["teachers"]:
         shape = Shape.parse(text)
@@ -453,6 +456,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="KD/plain block pairs")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the micro-timings")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="per process (0: cores / world)")
     parser.add_argument("--quick", action="store_true", help="one teacher, 2 layouts, short")
     parser.add_argument("--pipeline", action="store_true", help="PP 1/2/4 rows (PIPELINE)")
     parser.add_argument("--write-docs", action="store_true")
@@ -484,6 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {machine()}; torch {torch.__version__}; vocab {args.vocab} (padded as shown "
         f"by megatron), seq {args.seq}, micro-batch {args.mbs}, global batch {args.gbs} "
         f"({rows[0]['n_micro']} micro-batches/step at DP=1), {'bf16' if args.bf16 else 'fp32'}, "
+        f"{args.threads or 'cores / world'} thread(s) per process, "
         f"KD w={KD_WEIGHT} T={TEMP}; {args.rounds} alternating blocks of {args.steps} KD / "
         f"{args.steps} plain steps of one trainer: ms/step = fastest block, measured = their "
         f"ratio (median of the paired KD/plain block ratios in brackets); micro-timings: min of "
