@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from salt_megatron.data.batches import Batch, to_device
 from salt_megatron.parallel.teacher_pipeline import StagePeers, stage_blocks, wait_all
 from salt_megatron.runtime import device
@@ -52,7 +54,8 @@ class TeacherPass:
 
         Returns:
             Iterators for the schedule over the same micro-batches (on the device), in place of
-            ``iterators``; on the last stage each batch holds :data:`TEACHER_HIDDEN`.
+            ``iterators``; on the last stage each batch holds :data:`TEACHER_HIDDEN`. (A middle
+            stage's forward steps get the micro-batches too, and ignore them.)
         """
         sources = [it for it in iterators if it is not None]
         if len(sources) != 1:
@@ -68,7 +71,7 @@ class TeacherPass:
             wait_all(works)
         return [iter(batches) if it is not None else None for it in iterators]
 
-    def _hidden(self, batch: Batch) -> Any:
+    def _hidden(self, batch: Batch) -> torch.Tensor:
         with self.timer.time():
             return self.teacher.final_hidden_states(batch["tokens"], batch["position_ids"])
 
