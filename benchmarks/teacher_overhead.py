@@ -1,31 +1,32 @@
 """Benchmark: KD-phase step time over the plain step time, against the FLOP-ideal ratio.
 
 For each layout (world size, student TP, teacher TP, student PP) one process group is spawned;
-inside it, for
-each teacher size, a teacher checkpoint is saved (random weights, our checkpoint layout), a
-:class:`~salt_megatron.training.trainer.Trainer` with KD enabled (schedule ``step``, w=0.5, so every
-step is a KD step) is built on a synthetic dataset, warmed up, and then timed in alternating
-blocks of ``--steps`` KD steps and ``--steps`` plain steps of the *same* trainer (the plain block
-swaps the KD forward step for the plain one; the teacher stays built), ``--rounds`` times.
-Reported per row (the fastest block of each kind: the machine may be shared):
+inside it, for each teacher size, a teacher checkpoint is saved (random weights, our checkpoint
+layout), a :class:`~salt_megatron.training.trainer.Trainer` with KD enabled (schedule ``step``,
+w=0.5, so every step is a KD step) is built on a synthetic dataset, warmed up, and then timed in
+alternating blocks of ``--steps`` plain steps and ``--steps`` KD steps of the *same* trainer (the
+plain block swaps the KD forward step for the plain one; the teacher stays built), ``--rounds``
+times. Reported per row (the fastest block of each kind: the machine may be shared):
 
-* plain / KD ms per optimizer step, their ratio ("measured"), the FLOP-ideal ratio
-  ``1 + F_teacher_fwd / F_student_fwd_bwd`` per token (:func:`flop_ideal_ratio`), measured/ideal;
+* plain / KD ms per optimizer step, their ratio ("measured"; the median of the paired
+  KD/plain block ratios in brackets), the FLOP-ideal ratio ``1 + F_teacher_fwd /
+  F_student_fwd_bwd`` per token (:func:`flop_ideal_ratio`), measured/ideal;
 * the teacher time share (``KDForwardStep.teacher_timer`` over the KD step time);
-* where the excess ``KD - plain`` goes, per step: the teacher body (teacher time minus the
-  exchange), the exchange into the student's vocabulary layout (``student_layout_logits`` minus
-  ``final_hidden`` on the same rows, timed separately: the all-gather of hidden states and the
-  output layer's vocabulary slice), the KD loss over megatron's
-  ``vocab_parallel_cross_entropy`` (forward + backward on logits of the step's shape, timed
-  separately, times the micro-batches), and the unexplained rest (PP 1 rows only).
+* where the excess ``KD - plain`` goes, per step (PP 1 rows): the teacher body (teacher time
+  minus the exchange), the exchange into the student's vocabulary layout
+  (``student_layout_logits`` minus ``final_hidden`` on the same rows, timed separately: the
+  all-gather of hidden states and the output layer's vocabulary slice), the KD loss over
+  megatron's ``vocab_parallel_cross_entropy`` (forward + backward on logits of the step's shape,
+  timed separately, times the micro-batches), and the unexplained rest.
 
 Pipeline rows (``--pipeline``: PP 1, 2 and 4 at the same shapes, where transformer layers, not
-the output layer, dominate): with the teacher balanced over the stages (the teacher pass of
-:mod:`salt_megatron.distill.teacher_pass`), and, for comparison, with the whole teacher on the
-last stage (``:last`` layouts: the trainer's teacher pass is switched off, so the KD forward
-step runs the teacher in line on the last stage, as before the teacher pass). Their rows come
-from the last stage; the FLOP-ideal ratio is :func:`salt_megatron.planner.kd_step_ratio` (the
-slowest stage's pace), and the summary gives the PP p ratio over the PP 1 ratio.
+the output layer, dominate). At PP > 1 every round has two KD blocks beside its plain block: the
+teacher balanced over the stages (the teacher pass of :mod:`salt_megatron.distill.teacher_pass`)
+and, for comparison, the whole teacher on the last stage (the trainer's teacher pass switched
+off, so the KD forward step runs the teacher in line there, as before the teacher pass): two
+rows from one trainer, measured side by side. Rows come from the last stage; their FLOP-ideal
+ratio is :func:`salt_megatron.planner.kd_step_ratio` (the slowest stage's pace), and the summary
+gives each PP > 1 ratio over the PP 1 ratio.
 
     python benchmarks/teacher_overhead.py [--quick] [--pipeline] [--write-docs]
 """
@@ -60,14 +61,14 @@ PIPELINE_TARGET = 1.15
 """The KD/plain ratio at PP > 1 may exceed PP 1's by at most this factor (teacher balanced)."""
 PIPELINE = {
     "student": "8x256x4", "teachers": ["4x256x4"], "vocab": 1024, "seq": 128, "mbs": 2,
-    "gbs": 16, "threads": 1,
-    "layouts": ["1:1:1", "2:1:1:2", "2:1:1:2:last", "4:1:1:4", "4:1:1:4:last"],
+    "gbs": 16, "threads": 1, "layouts": ["1:1:1", "2:1:1:2", "4:1:1:4"],
 }  # fmt: skip
 """``--pipeline``: shapes where transformer layers dominate (vocabulary 1024: the LM head is 4% of
 the student's FLOPs), a teacher of half the student's layers (about 17% of a student step, as
-in the paper), 8 micro-batches; PP 1, 2 and 4 with the teacher balanced, and on the last stage;
-one thread per process at every layout (two threads of a shared 2-core machine wait on each other
-whenever another job takes one core, and the KD step's extra small ops pay that more often)."""
+in the paper), 8 micro-batches; PP 1, 2 and 4 (each with the teacher balanced, and on the last
+stage); one thread per process at every layout (two threads of a shared 2-core machine wait on
+each other whenever another job takes one core, and the KD step's extra small ops pay that more
+often)."""
 
 
 @dataclass(frozen=True)
@@ -99,29 +100,31 @@ class Shape:
 
 @dataclass(frozen=True)
 class Layout:
-    """``world:TP:teacher TP[:PP[:last]]``: the student's TP and PP, the teacher's TP, and where
-    the teacher runs (``balanced`` over the stages, or ``last``: all of it on the last stage)."""
+    """``world:TP:teacher TP[:PP]``: the student's TP and PP, the teacher's TP."""
 
     world: int
     tp: int
     ttp: int
     pp: int = 1
-    placement: str = "balanced"
 
     @classmethod
     def parse(cls, text: str) -> Layout:
-        """``"4:1:1:4:last"`` -> Layout(4, 1, 1, 4, "last")."""
-        parts = text.split(":")
-        world, tp, ttp, pp = [int(x) for x in parts[:4]] + [1] * (4 - len(parts[:4]))
-        placement = parts[4] if len(parts) > 4 else "balanced"
-        if placement not in ("balanced", "last"):
-            raise ValueError(f"layout {text!r}: placement must be 'balanced' or 'last'")
-        return cls(world, tp, ttp, pp, placement)
+        """``"4:1:1:4"`` -> Layout(4, 1, 1, 4); PP defaults to 1."""
+        numbers = [int(x) for x in text.split(":")]
+        if len(numbers) not in (3, 4):
+            raise ValueError(f"layout {text!r}: world:TP:teacher TP[:PP]")
+        return cls(*numbers)
 
     def flags(self) -> list[str]:
         """The parallelism flags."""
         return ["--tensor-model-parallel-size", str(self.tp), "--pipeline-model-parallel-size",
                 str(self.pp), "--teacher-tensor-model-parallel-size", str(self.ttp)]  # fmt: skip
+
+    @property
+    def placements(self) -> tuple[str, ...]:
+        """Where the teacher runs in the KD blocks: ``balanced`` over the stages (the teacher
+        pass), and at PP > 1 also ``last`` (all of it on the last stage, for comparison)."""
+        return ("balanced", "last") if self.pp > 1 else ("balanced",)
 
 
 def flop_ideal_ratio(
@@ -284,7 +287,7 @@ def _exchange_seconds(trainer: Any, reps: int) -> float:
 
 
 def _build_trainer(opts: dict[str, Any], root: str, lay: Layout, shape: Shape) -> Any:
-    """A KD trainer (every step a KD step) with its teacher built; ``last``: no teacher pass."""
+    """A KD trainer (every step a KD step) with its teacher built."""
     import torch.distributed as dist
 
     from salt_megatron.config import parse_config
@@ -298,55 +301,71 @@ def _build_trainer(opts: dict[str, Any], root: str, lay: Layout, shape: Shape) -
     cfg.validate_world(dist.get_world_size())
     trainer = Trainer(cfg, (RandomTokens(opts["vocab"], opts["seq"]), None), opts["vocab"])
     trainer.kd.sync(trainer.step)
-    if lay.placement == "last":  # the KD forward step then runs the teacher on the last stage
-        trainer.kd.teacher_pass = None
     return trainer
 
 
-def _ideal(opts: dict[str, Any], lay: Layout, shape: Shape, padded: int, n_micro: int) -> float:
+def _ideal(opts: dict[str, Any], lay: Layout, shape: Shape, padded: int, n_micro: int) -> dict:
+    """The FLOP-ideal KD/plain ratio of each placement."""
     student, teacher = Shape.parse(opts["student"]).model(opts["vocab"]), shape.model(opts["vocab"])
     if lay.pp == 1:
-        return flop_ideal_ratio(student, teacher, opts["seq"], padded)
-    balanced = lay.placement == "balanced"
-    return kd_step_ratio(student, teacher, opts["seq"], padded, lay.pp, n_micro, balanced=balanced)
+        return {"balanced": flop_ideal_ratio(student, teacher, opts["seq"], padded)}
+    args = (student, teacher, opts["seq"], padded, lay.pp, n_micro)
+    return {p: kd_step_ratio(*args, balanced=p == "balanced") for p in lay.placements}
 
 
-def _run_case(opts: dict[str, Any], root: str, lay: Layout, shape: Shape) -> dict:
-    """Build a KD trainer for one (layout, teacher) case and time it; returns the row."""
+def _time_blocks(trainer: Any, opts: dict[str, Any], lay: Layout) -> dict[str, Any]:
+    """Alternate a plain block with one KD block per placement, ``rounds`` times.
+
+    ``last``: the trainer's teacher pass is switched off, so the KD forward step runs the whole
+    teacher on the last stage, in line (the placement before the teacher pass).
+    """
+    teacher_pass = trainer.kd.teacher_pass
+    plain: list[float] = []
+    kd: dict[str, list[float]] = {p: [] for p in lay.placements}
+    teach: dict[str, list[float]] = {p: [] for p in lay.placements}
+    for round_ in range(opts["rounds"] + 1):  # round 0: warm-up
+        p_seconds, _ = _block(trainer, opts["steps"] if round_ else 1, False)
+        plain.append(p_seconds)
+        for place in lay.placements:
+            trainer.kd.teacher_pass = teacher_pass if place == "balanced" else None
+            k_seconds, t_seconds = _block(trainer, opts["steps"] if round_ else 2, True)
+            kd[place].append(k_seconds)
+            teach[place].append(t_seconds)
+    trainer.kd.teacher_pass = teacher_pass
+    return {"plain": plain[1:], "kd": {p: v[1:] for p, v in kd.items()},
+            "teacher": {p: v[1:] for p, v in teach.items()}}  # fmt: skip
+
+
+def _run_case(opts: dict[str, Any], root: str, lay: Layout, shape: Shape) -> list[dict]:
+    """Build a KD trainer for one (layout, teacher) case and time it; one row per placement."""
     from megatron.core import parallel_state as mpu
 
     trainer = _build_trainer(opts, root, lay, shape)
-    steps, rounds = opts["steps"], opts["rounds"]
-    for kd in (True, True, False):  # warm-up: 2 KD steps, 1 plain step
-        _block(trainer, 1, kd)
-    kd_t, plain_t, teach_t, ratios = [], [], [], []
-    for _ in range(rounds):
-        k, t = _block(trainer, steps, True)
-        p, _ = _block(trainer, steps, False)
-        kd_t.append(k)
-        plain_t.append(p)
-        teach_t.append(t)
-        ratios.append(k / p)
+    times = _time_blocks(trainer, opts, lay)
     n_micro, padded = trainer.num_microbatches, trainer.padded_vocab
     nan = float("nan")
     loss_kd, loss_ce, exchange = nan, nan, nan  # micro-timings: PP 1 only (collective)
     if lay.pp == 1:
         loss_kd, loss_ce = _loss_seconds(trainer, opts["reps"])
         exchange = _exchange_seconds(trainer, opts["reps"])
-    student = Shape.parse(opts["student"])
-    row = {
-        "layout": lay, "student": str(student), "teacher": str(shape), "n_micro": n_micro,
-        "padded_vocab": padded, "plain": min(plain_t), "kd": min(kd_t),
-        "ratio": min(kd_t) / min(plain_t), "paired": statistics.median(ratios),
-        "teacher_s": min(teach_t), "exchange": exchange * n_micro,
-        "loss_excess": (loss_kd - loss_ce) * n_micro, "loss_kd": loss_kd, "loss_ce": loss_ce,
-        "ideal": _ideal(opts, lay, shape, padded, n_micro),
-        "head_s": head_share(student.model(opts["vocab"]), opts["seq"], padded),
-        "head_t": head_share(shape.model(opts["vocab"]), opts["seq"], padded),
-    }  # fmt: skip
+    student, ideal = Shape.parse(opts["student"]), _ideal(opts, lay, shape, padded, n_micro)
+    rows = []
+    for place in lay.placements:
+        kd_t, plain_t = times["kd"][place], times["plain"]
+        rows.append({
+            "layout": lay, "placement": place, "student": str(student), "teacher": str(shape),
+            "n_micro": n_micro, "padded_vocab": padded, "plain": min(plain_t), "kd": min(kd_t),
+            "ratio": min(kd_t) / min(plain_t),
+            "paired": statistics.median(k / p for k, p in zip(kd_t, plain_t, strict=True)),
+            "teacher_s": min(times["teacher"][place]), "exchange": exchange * n_micro,
+            "loss_excess": (loss_kd - loss_ce) * n_micro, "loss_kd": loss_kd,
+            "loss_ce": loss_ce, "ideal": ideal[place],
+            "head_s": head_share(student.model(opts["vocab"]), opts["seq"], padded),
+            "head_t": head_share(shape.model(opts["vocab"]), opts["seq"], padded),
+        })  # fmt: skip
     trainer.close()
     mpu.destroy_model_parallel()
-    return row
+    return rows
 
 
 def bench_worker(opts: dict[str, Any], tmp: str, lay: Layout) -> list[dict]:
@@ -362,7 +381,7 @@ def bench_worker(opts: dict[str, Any], tmp: str, lay: Layout) -> list[dict]:
         root = os.path.join(tmp, f"teacher_{text}_w{world}_tp{lay.tp}")
         if not os.path.isdir(root):
             _save_teacher(root, shape, opts, lay.tp)
-        rows.append(_run_case(opts, root, lay, shape))
+        rows += _run_case(opts, root, lay, shape)
     return rows
 
 
@@ -382,7 +401,7 @@ def _table(rows: list[dict]) -> str:
         lay, excess = r["layout"], r["kd"] - r["plain"]
         fwd = r["teacher_s"] - (0.0 if math.isnan(r["exchange"]) else r["exchange"])
         rest = excess - r["teacher_s"] - r["loss_excess"]
-        where = {"balanced": "stages", "last": "last stage"}[lay.placement] if lay.pp > 1 else "-"
+        where = {"balanced": "stages", "last": "last stage"}[r["placement"]] if lay.pp > 1 else "-"
         lines.append(
             f"| {lay.world} | {lay.tp} | {lay.ttp} | {lay.pp} | {where} | {r['student']} "
             f"| {r['teacher']} | {_ms(r['plain'])} | {_ms(r['kd'])} "
@@ -402,16 +421,17 @@ def pipeline_summary(rows: list[dict], target: float = PIPELINE_TARGET) -> str:
         lay = r["layout"]
         base = [b for b in rows if b["layout"].pp == 1 and b["layout"].tp == lay.tp
                 and (b["student"], b["teacher"]) == (r["student"], r["teacher"])]  # fmt: skip
+        balanced = r["placement"] == "balanced"
         if lay.pp == 1 or not base:
             continue
         best, median = r["ratio"] / base[0]["ratio"], r["paired"] / base[0]["paired"]
         verdict = "met" if max(best, median) <= target else "not met"
-        where = "balanced over the stages" if lay.placement == "balanced" else "on the last stage"
+        where = "balanced over the stages" if balanced else "on the last stage"
         lines.append(
             f"- PP {lay.pp}, teacher {where}: KD/plain {r['ratio']:.2f} (median "
             f"{r['paired']:.2f}) against {base[0]['ratio']:.2f} ({base[0]['paired']:.2f}) at "
             f"PP 1: x{best:.2f} (median x{median:.2f})"
-            + (f"; target <= x{target:g}: {verdict}" if lay.placement == "balanced" else "")
+            + (f"; target <= x{target:g}: {verdict}" if balanced else "")
         )
     return "\n".join(lines)
 
@@ -447,7 +467,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--student", default="4x256x4", help="layers x hidden x heads")
     parser.add_argument("--teachers", nargs="+", default=["2x128x4", "4x192x4"])
     parser.add_argument("--layouts", nargs="+", default=["1:1:1", "2:2:1", "2:2:2"],
-                        help="world:student TP:teacher TP[:student PP[:last]]")  # fmt: skip
+                        help="world:student TP:teacher TP[:student PP]")  # fmt: skip
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--mbs", type=int, default=2)
@@ -465,8 +485,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.teachers, args.steps, args.rounds, args.reps = args.teachers[:1], 2, 2, 2
-        balanced = [text for text in args.layouts if not text.endswith(":last")]
-        args.layouts = balanced if args.pipeline else ["1:1:1", "2:2:1"]
+        args.layouts = ["1:1:1", "4:1:1:4"] if args.pipeline else ["1:1:1", "2:2:1"]
     return args
 
 
@@ -483,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         for text in args.layouts:
             lay = Layout.parse(text)
             rows += run_distributed(bench_worker, lay.world, opts, tmp, lay)[-1]
-            print(_table(rows[-len(args.teachers) :]), flush=True)
+            print(_table(rows[-len(args.teachers) * len(lay.placements) :]), flush=True)
     text = (
         f"Machine: {machine()}; torch {torch.__version__}; vocab {args.vocab} (padded as shown "
         f"by megatron), seq {args.seq}, micro-batch {args.mbs}, global batch {args.gbs} "
