@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import sys
@@ -35,6 +34,8 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import machine, write_docs  # noqa: E402
+
 W, TEMP = 0.5, 2.0
 METHODS = ("a", "b", "c")
 
@@ -189,31 +190,6 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = model.group(1) if model else cpu
-    except OSError:
-        pass
-    system = f"{platform.system()} {platform.release()}"
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} cores, {system})"
-
-
-def _write_docs(text: str) -> None:
-    path = REPO / "docs" / "benchmarks.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "## KD loss\n\n" + text.strip() + "\n"
-    pattern = re.compile(r"## KD loss\n.*?(?=\n## |\Z)", re.S)
-    new = (
-        pattern.sub(lambda _: section, old)
-        if pattern.search(old)
-        else old.rstrip() + "\n\n" + section
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
@@ -230,13 +206,13 @@ def main() -> None:
         rows += run_distributed(bench_worker, tp, tp, args.tokens, args.vocab, args.reps)[0]
         print(_table(rows[-len(args.tokens) * len(args.vocab) :]), flush=True)
     text = (
-        f"Machine: {_machine()}; torch {torch.__version__}; bf16 logits, w={W}, T={TEMP}; "
+        f"Machine: {machine()}; torch {torch.__version__}; bf16 logits, w={W}, T={TEMP}; "
         f"forward+backward, min (and median) of {args.reps} interleaved runs (slowest rank).\n\n"
         + _table(rows)
     )
     print("\n" + text)
     if args.write_docs:
-        _write_docs(text)
+        write_docs(text, "## KD loss")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -52,9 +50,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine, write_docs  # noqa: E402
 from salt_megatron.config.schema import ModelConfig  # noqa: E402
+from salt_megatron.models import flops as model_flops  # noqa: E402
 from salt_megatron.planner import kd_step_ratio  # noqa: E402
-from salt_megatron.training import metrics  # noqa: E402
 
 KD_WEIGHT, TEMP = 0.5, 1.0
 PIPELINE_TARGET = 1.15
@@ -132,15 +131,15 @@ def flop_ideal_ratio(
 ) -> float:
     """``1 + F_teacher_fwd / F_student_fwd_bwd`` per token (both with the student's padded vocab,
     which is what the colocated teacher is built with)."""
-    f_teacher = metrics.forward_flops_per_token(teacher, seq_length, padded_vocab)
-    f_student = metrics.train_flops_per_token(student, seq_length, padded_vocab)
+    f_teacher = model_flops.forward_flops_per_token(teacher, seq_length, padded_vocab)
+    f_student = model_flops.train_flops_per_token(student, seq_length, padded_vocab)
     return 1.0 + f_teacher / f_student
 
 
 def head_share(model: ModelConfig, seq_length: int, padded_vocab: int) -> float:
     """Fraction of the forward FLOPs per token spent in the LM head (``2 h V``)."""
     head = 2.0 * model.hidden_size * padded_vocab
-    return head / metrics.forward_flops_per_token(model, seq_length, padded_vocab)
+    return head / model_flops.forward_flops_per_token(model, seq_length, padded_vocab)
 
 
 class RandomTokens:
@@ -434,32 +433,6 @@ def pipeline_summary(rows: list[dict], target: float = PIPELINE_TARGET) -> str:
             + (f"; target <= x{target:g}: {verdict}" if balanced else "")
         )
     return "\n".join(lines)
-
-
-def machine() -> str:
-    """Host name, CPU model, core count, OS (and the GPU when there is one)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = found.group(1) if found else cpu
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    system = f"{platform.system()} {platform.release()}"
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} cores, {system}{gpu})"
-
-
-def write_docs(text: str, heading: str = "## Teacher overhead") -> None:
-    """Replace (or append) only the ``heading`` section of docs/benchmarks.md."""
-    path = REPO / "docs" / "benchmarks.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{heading}\n\n" + text.strip() + "\n"
-    pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section, old)
-    else:
-        new = old.rstrip() + "\n\n" + section
-    path.write_text(new)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -259,7 +259,7 @@ def convert(plan: ImportPlan, output: str) -> ImportSummary:
         os.makedirs(output, exist_ok=True)
         files.prepare_tmp(output, 0)
     dist.barrier()
-    trainer_state._use_in_process_results_queue()
+    trainer_state.use_results_queue()
     dist_checkpointing.save(
         layout.model_sharded_state_dict([gpt]), layout.tmp_dir(output, 0),
         sharded_strategy=trainer_state._save_strategy(),

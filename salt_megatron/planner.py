@@ -13,10 +13,15 @@ Memory of the busiest rank (bytes):
   micro-batch, 16-bit: ``s·b·h·(10 + 24/t) + 5·a·s²·b/t`` without sequence parallelism and all of it
   divided by ``t`` with it (``34 + 5as/h`` at ``t = 1``). The ``24`` generalises to GQA and SwiGLU
   (``8`` for attention, ``2f/h·(k + 1)`` for an MLP of width ``f`` with ``k`` fc1 outputs); flash
-  attention (Transformer Engine) keeps no ``s²`` scores. With full recomputation only each layer's
-  input stays (``2·s·b·h``, ``/t`` with SP) plus one layer's working set during its recompute. The
-  first pipeline stage holds ``min(pp, micro-batches)`` micro-batches in flight under 1F1B
-  (interleaving multiplies it by ``1 + (pp - 1) / (pp·v)``).
+  attention (Transformer Engine) keeps no ``s²`` scores. The run's ``--recompute-*`` choice
+  (:class:`Recompute`) decides what stays: full recomputation keeps only the input (``2·s·b·h``,
+  ``/t`` with SP) of each group of ``--recompute-num-layers`` layers (uniform) or of the first
+  ``--recompute-num-layers`` layers of each chunk (block), plus one group's working set during its
+  recompute; selective recomputation drops the recomputed modules' activations (``core_attn``: the
+  ``s²`` scores; ``mlp``: the MLP's; ``layernorm``: the two norm outputs). The report also gives
+  the totals under no, selective and full recomputation. The first pipeline stage holds
+  ``min(pp, micro-batches)`` micro-batches in flight under 1F1B (interleaving multiplies it by
+  ``1 + (pp - 1) / (pp·v)``).
 * **Teacher** (:func:`teacher_memory`; every pipeline stage holds a teacher body at its own TP):
   the body's weights (the student's padded vocabulary in the embedding, no output layer) in the
   training dtype or FP8 (1 byte, with ``--fp8-format``), plus one layer's no-grad working set;
@@ -28,7 +33,7 @@ Memory of the busiest rank (bytes):
   teacher's TP differs from the student's (the exchange's receive buffer), and the loss kernel's
   float32 chunk temporaries (see ``salt_megatron.loss.kd_cross_entropy``).
 
-FLOPs come from :mod:`salt_megatron.training.metrics`. The KD phase's ideal overhead is
+FLOPs come from :mod:`salt_megatron.models.flops`. The KD phase's ideal overhead is
 ``1 + F_teacher_fwd / F_student_fwd_bwd``. With PP > 1 every stage runs the teacher body for its
 block of the step's micro-batches and the last stage the head: :func:`kd_step_ratio` gives the
 KD step over the plain step at the pace of the slowest stage (1F1B steady state).
@@ -40,9 +45,9 @@ import math
 from dataclasses import dataclass, field
 
 from salt_megatron.config import megatron as mcfg
-from salt_megatron.config.schema import ModelConfig, SaltConfig
+from salt_megatron.config.schema import ModelConfig, SaltConfig, TrainingConfig
+from salt_megatron.models import flops as model_flops
 from salt_megatron.parallel.teacher_pipeline import stage_blocks
-from salt_megatron.training import metrics
 
 GIB = 1024**3
 #: Float32 temporaries of the KD loss per chunk, and the chunk size on a GPU (elements).
@@ -125,20 +130,36 @@ def state_bytes_per_param(*, bf16: bool, distributed_optimizer: bool, dp: int) -
     return 4.0 + 4.0 + (8.0 / dp if distributed_optimizer else 8.0)
 
 
-def activation_bytes_per_layer(
+def activation_parts_per_layer(
     model: ModelConfig, seq: int, micro_batch: int, *, tp: int, sp: bool, flash: bool
-) -> float:
-    """Stored 16-bit activations of one layer and micro-batch (Korthikanti et al., generalised)."""
+) -> dict[str, float]:
+    """The terms of :func:`activation_bytes_per_layer` on one TP rank, by what holds them."""
     s, b, h, a = seq, micro_batch, model.hidden_size, model.num_attention_heads
     q, kv = a * model.head_dim, (model.num_query_groups or a) * model.head_dim
     ffn = mcfg.ffn_hidden_size(model)
     fc1_outputs = 2 if model.swiglu else 1
-    replicated = 10.0 * s * b * h  # 2 norm inputs, QKV and fc1 inputs, 2 dropout masks
+    norm_outputs = 4.0 * s * b * h  # the QKV and fc1 inputs
+    rest = 6.0 * s * b * h  # 2 norm inputs, 2 dropout masks
     attention = 2.0 * s * b * (2 * q + 2 * kv)  # Q, K, V and the projection's input
     mlp = 2.0 * s * b * ffn * (fc1_outputs + 1)  # fc1 outputs and the activation's output
     scores = 0.0 if flash else 5.0 * a * s * s * b
-    sharded = (attention + mlp + scores) / tp
-    return (replicated / tp if sp else replicated) + sharded
+    seq_split = tp if sp else 1
+    return {
+        "layernorm": norm_outputs / seq_split,
+        "replicated": rest / seq_split,
+        "attention": attention / tp,
+        "mlp": mlp / tp,
+        "core_attn": scores / tp,
+    }
+
+
+def activation_bytes_per_layer(
+    model: ModelConfig, seq: int, micro_batch: int, *, tp: int, sp: bool, flash: bool
+) -> float:
+    """Stored 16-bit activations of one layer and micro-batch (Korthikanti et al., generalised)."""
+    return sum(
+        activation_parts_per_layer(model, seq, micro_batch, tp=tp, sp=sp, flash=flash).values()
+    )
 
 
 def recompute_bytes_per_layer(
@@ -147,6 +168,69 @@ def recompute_bytes_per_layer(
     """Stored activations of one layer under full recomputation: its 16-bit input."""
     stored = 2.0 * seq * micro_batch * hidden
     return stored / tp if sp else stored
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """An activation-recomputation choice, as megatron-core's ``TransformerConfig`` takes it."""
+
+    granularity: str | None = None
+    method: str | None = None
+    num_layers: int | None = None
+    modules: tuple[str, ...] = ("core_attn",)
+
+    @classmethod
+    def of(cls, tr: TrainingConfig) -> Recompute:
+        """The run's ``--recompute-*`` choice."""
+        modules = tuple(tr.recompute_modules or ("core_attn",))
+        return cls(tr.recompute_granularity, tr.recompute_method, tr.recompute_num_layers, modules)
+
+    @property
+    def label(self) -> str:
+        """``none``, ``selective (core_attn)``, ``full (uniform, 1 layer)``..."""
+        if self.granularity is None:
+            return "none"
+        if self.granularity == "selective":
+            return f"selective ({', '.join(self.modules)})"
+        return f"full ({self.method}, {self.num_layers} layer{'s' if self.num_layers != 1 else ''})"
+
+    @property
+    def flags(self) -> str:
+        """The flags that select this choice."""
+        if self.granularity is None:
+            return "no --recompute-granularity"
+        if self.granularity == "selective":
+            return f"--recompute-granularity selective --recompute-modules {' '.join(self.modules)}"
+        return (
+            f"--recompute-granularity full --recompute-method {self.method} "
+            f"--recompute-num-layers {self.num_layers}"
+        )
+
+
+#: The alternatives every report compares: none, selective (core attention), full per layer.
+RECOMPUTE_ALTERNATIVES = (Recompute(), Recompute("selective"), Recompute("full", "uniform", 1))
+
+
+def stage_activation_bytes(
+    parts: dict[str, float], stored: float, layers: int, chunks: int, held: float, rc: Recompute
+) -> float:
+    """Activations on a rank of a stage with ``layers`` layers in ``chunks`` virtual chunks.
+
+    ``parts``: :func:`activation_parts_per_layer`; ``stored``: a layer input kept under full
+    recompute; ``held``: micro-batches in flight (:func:`in_flight_factor`). The working set of
+    one recompute (a group of layers, or one layer's recomputed modules) comes on top.
+    """
+    full = sum(parts.values())
+    if rc.granularity is None:
+        return held * layers * full
+    if rc.granularity == "selective":
+        dropped = sum(parts[m] for m in rc.modules)
+        return held * layers * (full - dropped) + dropped
+    n = rc.num_layers or 1
+    if rc.method == "uniform":
+        return held * layers / n * stored + n * full
+    per_chunk = layers // chunks
+    return held * chunks * (n * stored + (per_chunk - n) * full) + full
 
 
 def in_flight_factor(pp: int, vpp: int | None, n_micro: int, stage: int = 0) -> float:
@@ -189,8 +273,9 @@ class Plan:
     params_per_rank: dict[str, int]
     busiest_stage: int
     memory: dict[str, float]  # bytes on a rank of the busiest stage, by component
-    memory_recompute: float
-    memory_no_recompute: float
+    recompute: Recompute
+    memory_total: float  # the busiest rank with the run's recompute choice
+    memory_alternatives: dict[str, float]  # the same under RECOMPUTE_ALTERNATIVES, by label
     flops: dict[str, float]  # per token
     step_seconds: dict[str, float]
     overhead_ideal: float
@@ -255,46 +340,40 @@ def teacher_memory(cfg: SaltConfig, vocab: int, n_micro: int, stage: int) -> dic
 
 
 def stage_memory(
-    cfg: SaltConfig, vocab: int, dp: int, n_micro: int, stage: int
+    cfg: SaltConfig, vocab: int, dp: int, n_micro: int, stage: int, rc: Recompute | None = None
 ) -> dict[str, float]:
-    """Bytes on one rank of pipeline stage ``stage``, by component (both activation variants)."""
+    """Bytes on one rank of pipeline stage ``stage``, by component (``rc``: the run's choice)."""
     par, tr, model = cfg.parallel, cfg.training, cfg.model
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    rc = rc or Recompute.of(tr)
+    tp, pp, vpp = (
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        par.virtual_pipeline_model_parallel_size,
+    )
     sp, s, b = par.sequence_parallel, cfg.data.seq_length, tr.micro_batch_size
     per_param = state_bytes_per_param(
         bf16=tr.bf16, distributed_optimizer=par.use_distributed_optimizer, dp=dp
     )
     params = stage_params(model, _padded(cfg, vocab), tp=tp, pp=pp, stage=stage)
     flash = model.transformer_impl == "transformer_engine"
-    full = activation_bytes_per_layer(model, s, b, tp=tp, sp=sp, flash=flash)
+    parts = activation_parts_per_layer(model, s, b, tp=tp, sp=sp, flash=flash)
     stored = recompute_bytes_per_layer(s, b, model.hidden_size, tp=tp, sp=sp)
-    held = (model.num_layers // pp) * in_flight_factor(
-        pp, par.virtual_pipeline_model_parallel_size, n_micro, stage
-    )
+    held = in_flight_factor(pp, vpp, n_micro, stage)
+    activations = stage_activation_bytes(parts, stored, model.num_layers // pp, vpp or 1, held, rc)
     memory = {
         "student weights+grads+optimizer": params * per_param,
-        "activations (no recompute)": held * full,
-        "activations (full recompute)": held * stored + full,
+        f"activations (recompute: {rc.label})": activations,
     }
     memory.update(teacher_memory(cfg, vocab, n_micro, stage))
     return memory
 
 
-def _totals(memory: dict[str, float]) -> tuple[float, float]:
-    """(total with full recompute, total without)."""
-    base = sum(v for k, v in memory.items() if not k.startswith("activations"))
-    return (
-        base + memory["activations (full recompute)"],
-        base + memory["activations (no recompute)"],
-    )
-
-
 def _flops(cfg: SaltConfig, vocab: int) -> dict[str, float]:
-    s = cfg.data.seq_length
-    flops = {"student fwd+bwd": metrics.train_flops_per_token(cfg.model, s, _padded(cfg, vocab))}
+    s, spad = cfg.data.seq_length, _padded(cfg, vocab)
+    flops = {"student fwd+bwd": model_flops.train_flops_per_token(cfg.model, s, spad)}
     if _teacher_enabled(cfg):
         tpad = _padded(cfg, vocab, teacher=True)
-        flops["teacher fwd"] = metrics.forward_flops_per_token(cfg.teacher, s, tpad)
+        flops["teacher fwd"] = model_flops.forward_flops_per_token(cfg.teacher, s, tpad)
     return flops
 
 
@@ -321,8 +400,8 @@ def kd_step_ratio(
         2.0 * student.hidden_size * padded_vocab,
         2.0 * teacher.hidden_size * padded_vocab,
     )
-    s_layers = metrics.forward_flops_per_token(student, seq, padded_vocab) - s_head
-    t_body = metrics.forward_flops_per_token(teacher, seq, padded_vocab) - t_head
+    s_layers = model_flops.forward_flops_per_token(student, seq, padded_vocab) - s_head
+    t_body = model_flops.forward_flops_per_token(teacher, seq, padded_vocab) - t_head
     blocks = stage_blocks(n_micro, pp) if balanced else [range(0)] * (pp - 1) + [range(n_micro)]
     plain = [3.0 * (s_layers / pp + (s_head if i == pp - 1 else 0.0)) for i in range(pp)]
     extra = [t_body * len(blk) / n_micro for blk in blocks]
@@ -358,8 +437,13 @@ def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) 
     n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
     stages = sorted({0, pp - 1})
     memories = {st: stage_memory(cfg, vocab_size, dp, n_micro, st) for st in stages}
-    totals = {st: _totals(m) for st, m in memories.items()}
-    busiest = max(stages, key=lambda st: totals[st][0])
+    busiest = max(stages, key=lambda st: sum(memories[st].values()))
+    alternatives = {
+        rc.label: max(
+            sum(stage_memory(cfg, vocab_size, dp, n_micro, st, rc).values()) for st in stages
+        )
+        for rc in RECOMPUTE_ALTERNATIVES
+    }
     flops = _flops(cfg, vocab_size)
     spad = _padded(cfg, vocab_size)
     pipelined = last = 1.0 + flops.get("teacher fwd", 0.0) / flops["student fwd+bwd"]
@@ -383,8 +467,9 @@ def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) 
         },
         busiest_stage=busiest,
         memory=memories[busiest],
-        memory_recompute=max(t[0] for t in totals.values()),
-        memory_no_recompute=max(t[1] for t in totals.values()),
+        recompute=Recompute.of(tr),
+        memory_total=sum(memories[busiest].values()),
+        memory_alternatives=alternatives,
         flops=flops,
         step_seconds=steps,
         overhead_ideal=ideal,
@@ -400,17 +485,23 @@ def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) 
 def _warnings(cfg: SaltConfig, p: Plan) -> list[str]:
     limit = p.hardware.gpu_memory_gib * GIB
     out = []
-    if p.memory_recompute > limit:
-        out.append(
-            f"does not fit: {p.memory_recompute / GIB:.1f} GiB per GPU even with full "
-            f"recomputation > {p.hardware.gpu_memory_gib:g} GiB; raise TP/PP, use the distributed "
-            "optimizer or lower --micro-batch-size"
+    gib = p.hardware.gpu_memory_gib
+    if p.memory_total > limit:
+        fitting = [rc for rc in RECOMPUTE_ALTERNATIVES if p.memory_alternatives[rc.label] <= limit]
+        where = (
+            f"does not fit with recompute {p.recompute.label}: {p.memory_total / GIB:.1f} GiB per "
+            f"GPU > {gib:g} GiB"
         )
-    elif p.memory_no_recompute > limit:
-        out.append(
-            f"needs full activation recomputation: {p.memory_no_recompute / GIB:.1f} GiB per GPU "
-            f"without it > {p.hardware.gpu_memory_gib:g} GiB"
-        )
+        if fitting:
+            need = p.memory_alternatives[fitting[0].label] / GIB
+            out.append(f"{where}; recompute {fitting[0].label} needs {need:.1f} GiB: "
+                       f"{fitting[0].flags}")  # fmt: skip
+        else:
+            full = p.memory_alternatives[RECOMPUTE_ALTERNATIVES[-1].label] / GIB
+            out.append(
+                f"{where}, {full:.1f} GiB even with full recomputation; raise TP/PP, use the "
+                "distributed optimizer or lower --micro-batch-size"
+            )
     par = cfg.parallel
     replicas = par.tensor_model_parallel_size // par.teacher_tensor_model_parallel_size
     if "teacher fwd" in p.flops and cfg.training.micro_batch_size < replicas:
@@ -450,8 +541,8 @@ def format_plan(cfg: SaltConfig, p: Plan) -> str:
     ]
     lines += _table("Parameters", params)
     mem = [(k, _gib(v)) for k, v in p.memory.items()]
-    mem.append(("total, full recompute", _gib(p.memory_recompute)))
-    mem.append(("total, no recompute", _gib(p.memory_no_recompute)))
+    mem.append((f"total (recompute: {p.recompute.label})", _gib(p.memory_total)))
+    mem += [(f"  total with recompute {k}", _gib(v)) for k, v in p.memory_alternatives.items()]
     title = f"Memory per GPU (stage {p.busiest_stage}; {hw.gpu_memory_gib:g} GiB available)"
     lines += _table(title, mem)
     flops = [(k, f"{v / 1e9:8.2f} GFLOP/token") for k, v in p.flops.items()]

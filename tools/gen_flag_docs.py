@@ -21,7 +21,13 @@ from typing import Any, Literal
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from salt_megatron.config.cli import ALIASES, field_docs, flag_name, sections  # noqa: E402
+from salt_megatron.config.cli import (  # noqa: E402
+    ALIASES,
+    field_default,
+    field_docs,
+    flag_name,
+    sections,
+)
 
 OUTPUT = ROOT / "docs" / "flags.md"
 
@@ -72,7 +78,7 @@ def section_table(section: str, cls: type) -> list[str]:
     for f in dataclasses.fields(cls):
         flags = [flag_name(section, f.name), *ALIASES.get(f.name, [])]
         flag = ", ".join(f"`{x}`" for x in flags)
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = field_default(f)
         row = [flag, type_name(hints[f.name]), f"`{default!r}`", docs.get(f.name, "")]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return [*lines, ""]

@@ -8,7 +8,8 @@ Example::
 The world size defaults to the ``# world_size: N`` comment of the YAML file (else TP x PP); the
 vocabulary size to ``--vocab-size`` in the config, else the sentencepiece model's. Other flags
 after the planner's own override the config like ``pretrain_salt.py``'s
-(``--micro-batch-size 2``). Exit status 1 when the run does not fit the GPU memory.
+(``--micro-batch-size 2``). Exit status 1 when the run, with its ``--recompute-*`` choice, does
+not fit the GPU memory.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan.py: error: {exc}", file=sys.stderr)
         return 2
     print(format_plan(cfg, result))
-    return 1 if result.memory_recompute > hardware.gpu_memory_gib * 1024**3 else 0
+    return 1 if result.memory_total > hardware.gpu_memory_gib * 1024**3 else 0
 
 
 if __name__ == "__main__":

@@ -3,28 +3,36 @@
 One checkpoint holds:
 
 * the student's weights (``model`` / ``model0``...; global sharded keys, any TP/PP/VPP layout),
-* the optimizer state (the distributed optimizer in its ``fully_reshardable`` format, so TP, PP
-  and DP may all change on resume; see :mod:`salt_megatron.checkpoint.optimizer_state`),
+* the optimizer state; the distributed optimizer's by default in its ``dp_reshardable`` form
+  (each rank writes its own buckets: no gather, no extra host memory; it resumes only at the same
+  TP, PP and virtual PP), with ``--ckpt-fully-reshardable`` in the ``fully_reshardable`` form
+  (gathered per data-parallel group; TP, PP and DP may all change on resume); see
+  :mod:`salt_megatron.checkpoint.optimizer_state`,
 * the LR scheduler state (common, saved by rank 0),
 * every rank's RNG states (Python, NumPy, torch CPU, CUDA, megatron's tracker) as one
   ``ShardedObject`` per global rank; restored only when the layout is unchanged (a different
   layout draws different dropout masks anyway),
 * ``salt_meta.json``: step, consumed samples, tokens seen, skipped steps, the full config, the
-  tokenizer fingerprint, vocabulary sizes, the layout, and the caller's ``extra`` dict.
+  tokenizer fingerprint, vocabulary sizes, the layout, the optimizer's sharding type, and the
+  caller's ``extra`` dict.
 
-Saves are synchronous. megatron's writer fetches its results queue from a *spawn*-context
-``Manager``, which re-imports ``__main__`` in a fresh interpreter and hangs entry points that are
-not importable scripts (and costs seconds); :func:`_use_in_process_results_queue` swaps in a
-thread queue before the first save. A synchronous save puts its results and reads them back with
-``get_nowait()`` in this process; a ``multiprocessing.Queue`` would race there (its ``put``
-returns before a feeder thread has written the item, so ``get_nowait`` can find it empty and the
-save fails with "results_queue should not be empty").
+Saves and loads go through megatron-core's fully parallel strategy wrappers over the data-parallel
+group: the replicas of a tensor share its writing (and reading) instead of one rank doing all of
+it. A save either blocks (the default) or, with an ``AsyncCallsQueue``, forks a writer process
+(megatron's ``TemporalAsyncCaller``: the fork is a copy-on-write snapshot, so training goes on at
+once) and returns; the queue's finalization, run by every rank once every rank's writer is done,
+writes the metadata and only then commits the directory (:func:`files.commit`). megatron's writer
+fetches its results queue from a *spawn*-context ``Manager``, which re-imports ``__main__`` in a
+fresh interpreter and hangs entry points that are not importable scripts (and costs seconds);
+:func:`use_results_queue` swaps in a fork-context :class:`ResultsQueue` before the first save.
 """
 
 from __future__ import annotations
 
-import queue
+import multiprocessing as mp
+import multiprocessing.queues
 import random
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,7 +43,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from salt_megatron.checkpoint import files, layout, optimizer_state
 from salt_megatron.checkpoint.layout import CheckpointError
+from salt_megatron.checkpoint.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE
 from salt_megatron.config import to_dict
+from salt_megatron.models.student import gathered_params
+from salt_megatron.runtime import device
 
 FORMAT_VERSION = 1
 SHAPE_FIELDS = (
@@ -56,17 +67,56 @@ SHAPE_FIELDS = (
 """Model fields that must match between a checkpoint and the run resuming from it."""
 
 
-def _use_in_process_results_queue() -> None:
+RESULTS_WAIT_SECONDS = 30.0
+"""How long a read of the write results waits for them (a writer that died never sends any)."""
+
+
+class ResultsQueue(multiprocessing.queues.Queue):  # type: ignore[type-arg]
+    """megatron's write-results queue: fork-context, and ``get_nowait`` waits for the data.
+
+    The writer puts its results here: in this process for a synchronous save, in the forked writer
+    process for an async one (so a thread queue would not do). megatron reads them with
+    ``get_nowait`` right after the put; a ``multiprocessing`` queue's ``put`` returns before its
+    feeder thread has written the item, so an immediate read could find it empty ("results_queue
+    should not be empty": a failed save, about one in ten on a loaded machine). megatron's own
+    queue is a synchronous Manager proxy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(ctx=mp.get_context("fork"))
+
+    def get_nowait(self) -> Any:
+        """The next results, waiting up to :data:`RESULTS_WAIT_SECONDS` for the feeder thread."""
+        return self.get(timeout=RESULTS_WAIT_SECONDS)
+
+
+def use_results_queue() -> None:
+    """Give megatron's checkpoint writer a :class:`ResultsQueue` (before any save)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
+    if not isinstance(filesystem_async._results_queue, ResultsQueue):
+        filesystem_async._results_queue = ResultsQueue()
 
 
-def _save_strategy() -> Any:
+def _save_strategy(dp_group: Any = None) -> Any:
+    """megatron's torch_dist writer, its work spread over ``dp_group`` (None: every rank)."""
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    base = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    return FullyParallelSaveStrategyWrapper(base, dp_group)
+
+
+def _load_strategy(dp_group: Any) -> Any:
+    """megatron's torch_dist reader, each shard read once in ``dp_group`` and exchanged."""
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    return FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(), dp_group)
 
 
 def layout_info(trainer: Any) -> dict[str, Any]:
@@ -103,10 +153,17 @@ def _set_rng(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(trainer: Any, is_loading: bool, with_rng: bool) -> dict[str, Any]:
+def optimizer_sharding(trainer: Any) -> str:
+    """The form this run saves the distributed optimizer's state in."""
+    return FULLY_RESHARDABLE if trainer.cfg.checkpoint.ckpt_fully_reshardable else DP_RESHARDABLE
+
+
+def _sharded_state(trainer: Any, is_loading: bool, with_rng: bool, sharding: str) -> dict[str, Any]:
     model_sd = layout.model_sharded_state_dict(trainer.model)
     state: dict[str, Any] = dict(model_sd)
-    state["optimizer"] = optimizer_state.sharded_state_dict(trainer.optimizer, model_sd, is_loading)
+    state["optimizer"] = optimizer_state.sharded_state_dict(
+        trainer.optimizer, model_sd, is_loading, sharding
+    )
     state["scheduler"] = trainer.scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_object(trainer)
@@ -126,28 +183,57 @@ def build_meta(trainer: Any, fingerprint: str, extra: dict[str, Any]) -> dict[st
         "vocab_size": trainer.vocab_size,
         "padded_vocab_size": trainer.padded_vocab,
         "layout": layout_info(trainer),
+        "optimizer_sharding": optimizer_sharding(trainer),
         "extra": extra,
     }
 
 
-def save(trainer: Any, root: str, keep_last: int, fingerprint: str, extra: dict[str, Any]) -> str:
-    """Save ``trainer`` atomically under ``root`` (every rank calls this); returns the dir."""
-    _use_in_process_results_queue()
+def save(
+    trainer: Any,
+    root: str,
+    keep_last: int,
+    fingerprint: str,
+    extra: dict[str, Any],
+    async_queue: Any | None = None,
+) -> str:
+    """Save ``trainer`` atomically under ``root`` (every rank calls this); returns the final dir.
+
+    With ``async_queue`` (megatron's ``AsyncCallsQueue``) the shards are written in a background
+    process and the commit is the request's last finalization step: the directory is renamed and
+    the tracker updated only once the queue finalizes it. Otherwise the save completes here.
+    """
+    use_results_queue()
+    rank, step = dist.get_rank(), trainer.step
+    if rank == 0:
+        files.prepare_tmp(root, step)
+    dist.barrier()
+    tmp = layout.tmp_dir(root, step)
+    with gathered_params(trainer.model):  # the overlapped all-gather may still be pending
+        state = _sharded_state(
+            trainer, is_loading=False, with_rng=True, sharding=optimizer_sharding(trainer)
+        )
+        request = dist_checkpointing.save(
+            state,
+            tmp,
+            sharded_strategy=_save_strategy(trainer.layout.dp_group),
+            async_sharded_save=async_queue is not None,
+        )
+    commit = partial(_commit, root, step, keep_last, build_meta(trainer, fingerprint, extra))
+    if async_queue is None:
+        commit()
+    else:
+        request.add_finalize_fn(commit)
+        async_queue.schedule_async_request(request)  # forks the writer: a snapshot of now
+    return layout.iteration_dir(root, step)
+
+
+def _commit(root: str, step: int, keep_last: int, meta: dict[str, Any]) -> None:
+    """Mark a written checkpoint complete (every rank; after every rank's shards are on disk)."""
     rank = dist.get_rank()
     if rank == 0:
-        files.prepare_tmp(root, trainer.step)
+        layout.write_meta(layout.tmp_dir(root, step), meta)
+        files.commit(root, step, keep_last)
     dist.barrier()
-    tmp = layout.tmp_dir(root, trainer.step)
-    state = _sharded_state(trainer, is_loading=False, with_rng=True)
-    dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
-    if rank == 0:
-        layout.write_meta(tmp, build_meta(trainer, fingerprint, extra))
-    dist.barrier()  # every rank's shards and the metadata are on disk
-    final = layout.iteration_dir(root, trainer.step)
-    if rank == 0:
-        files.commit(root, trainer.step, keep_last)
-    dist.barrier()
-    return final
 
 
 def _flag(name: str) -> str:
@@ -205,23 +291,66 @@ def _apply(loaded: dict[str, Any], trainer: Any, with_rng: bool) -> None:
         _set_rng(loaded["rng_state"])
 
 
+def _load_sharding(meta: dict[str, Any], trainer: Any, path: str) -> str:
+    """The form the checkpoint's optimizer state was saved in, if this run can load it.
+
+    A ``dp_reshardable`` distributed-optimizer state is laid out in the saving run's
+    gradient buckets: it loads only at the same TP, PP and virtual PP.
+    """
+    sharding = str(meta.get("optimizer_sharding", FULLY_RESHARDABLE))
+    if sharding != DP_RESHARDABLE or not trainer.cfg.parallel.use_distributed_optimizer:
+        return sharding
+    saved, now = meta.get("layout") or {}, layout_info(trainer)
+    keys = ("tp", "pp", "vpp")
+    moved = [f"{k.upper()} {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
+    if moved:
+        raise CheckpointError(
+            f"{path}: its distributed-optimizer state is {DP_RESHARDABLE}, which cannot change "
+            f"layout ({', '.join(moved)}); resave it at its own layout with "
+            "--ckpt-fully-reshardable"
+        )
+    return sharding
+
+
+def _load_error(exc: Exception, meta: dict[str, Any], trainer: Any, path: str) -> CheckpointError:
+    if isinstance(exc, CheckpointError):
+        return exc
+    if isinstance(exc, AssertionError) and "unpadded elements in each bucket" in str(exc):
+        dp = (meta.get("layout") or {}).get("dp")
+        return CheckpointError(
+            f"{path}: its {DP_RESHARDABLE} distributed-optimizer state was saved in DP {dp}'s "
+            f"gradient buckets, which differ at DP {trainer.layout.dp}; resave it at DP {dp} "
+            "with --ckpt-fully-reshardable"
+        )
+    return CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc})")
+
+
 def load(trainer: Any, resolved: files.Resolved, fingerprint: str) -> dict[str, Any]:
     """Restore ``trainer`` from a verified checkpoint (every rank calls this); returns its meta.
 
-    Any failure (a shape mismatch, a missing key, an unreadable shard) is a CheckpointError that
-    names the checkpoint directory.
+    Any failure (a shape mismatch, a missing key, an unreadable shard, an optimizer state that
+    does not fit this layout) is a CheckpointError that names the checkpoint directory, raised on
+    every rank (the ranks agree after the load).
     """
     meta, path = resolved.meta, resolved.path
     check_compatible(meta, trainer, fingerprint, path)
     with_rng = _same_layout(meta, trainer)
+    error: CheckpointError | None = None
     try:
-        state = _sharded_state(trainer, is_loading=True, with_rng=with_rng)
-        loaded = dist_checkpointing.load(state, path)
+        sharding = _load_sharding(meta, trainer, path)
+        state = _sharded_state(trainer, is_loading=True, with_rng=with_rng, sharding=sharding)
+        loaded = dist_checkpointing.load(
+            state, path, sharded_strategy=_load_strategy(trainer.layout.dp_group)
+        )
         _apply(loaded, trainer, with_rng)
-    except CheckpointError:
-        raise
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
+        error = _load_error(exc, meta, trainer, path)
+    failed = torch.tensor([float(error is not None)], device=device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise CheckpointError(f"{path}: another rank could not load it (see its error)")
     trainer.step = int(meta["step"])
     trainer.consumed_samples = int(meta["consumed_samples"])
     trainer.skipped_steps = int(meta.get("skipped_steps", 0))

@@ -55,6 +55,15 @@ def flag_name(section: str, name: str) -> str:
     return "--" + SECTION_PREFIX.get(section, "") + name.replace("_", "-")
 
 
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    """A field's default value (built by its factory if it has one; None when required)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def _unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -106,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
+            default = field_default(f)
             _add_field(group, section, f.name, hints[f.name], docs.get(f.name, ""), default)
     return parser
 
@@ -126,10 +135,16 @@ def _check_type(section: str, name: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(base))}")
         return value
     if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
         value = value.split() if isinstance(value, str) else value
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [str(v) for v in value]
+        try:
+            return [item(v) for v in value]
+        except ValueError:
+            raise ConfigError(
+                f"{where}: expected a list of {item.__name__}, got {value!r}"
+            ) from None
     if (base is int and isinstance(value, bool)) or not isinstance(value, base):
         raise ConfigError(f"{where}: expected {base.__name__}, got {value!r}")
     return value

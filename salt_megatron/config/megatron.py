@@ -7,6 +7,7 @@ and ``OptimizerConfig``. Nothing else in the package constructs these.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer import TransformerConfig
 
-from salt_megatron.config.schema import ModelConfig, ParallelConfig, SaltConfig
+from salt_megatron.config.schema import ModelConfig, ParallelConfig, SaltConfig, TrainingConfig
 from salt_megatron.runtime.kernels import FusedKernels, fused_kernels
 
 
@@ -73,6 +74,7 @@ def transformer_config(
     fp8_param: bool = False,
     tp_only_amax_red: bool = False,
     host_init: bool | None = None,
+    recompute: dict[str, Any] | None = None,
 ) -> TransformerConfig:
     """A megatron-core ``TransformerConfig`` for one model under a (TP, PP, VPP) layout.
 
@@ -84,6 +86,7 @@ def transformer_config(
     over the (global, student) TP group instead of TP x DP.
     ``host_init``: initialise weights on the CPU (``use_cpu_initialization``); default: only
     without a GPU. Tools that build a whole model in one process (export) pass True.
+    ``recompute``: the activation recomputation fields (:func:`recompute_fields`).
     """
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -122,7 +125,18 @@ def transformer_config(
         fp8_recipe=fp8_recipe,
         fp8_param=fp8_param and fp8_format is not None,
         tp_only_amax_red=tp_only_amax_red,
+        **(recompute or {}),
     )
+
+
+def recompute_fields(tr: TrainingConfig) -> dict[str, Any]:
+    """``TransformerConfig``'s activation-recomputation fields, as Megatron-LM sets them."""
+    return {
+        "recompute_granularity": tr.recompute_granularity,
+        "recompute_method": tr.recompute_method,
+        "recompute_num_layers": tr.recompute_num_layers,
+        "recompute_modules": list(tr.recompute_modules) if tr.recompute_modules else None,
+    }
 
 
 def student_transformer_config(cfg: SaltConfig) -> TransformerConfig:
@@ -137,6 +151,7 @@ def student_transformer_config(cfg: SaltConfig) -> TransformerConfig:
         bf16=cfg.training.bf16,
         fp8_format=cfg.training.fp8_format,
         fp8_recipe=cfg.training.fp8_recipe,
+        recompute=recompute_fields(cfg.training),
     )
 
 
@@ -172,11 +187,16 @@ def teacher_transformer_config(cfg: SaltConfig, model: ModelConfig) -> Transform
 
 
 def ddp_config(cfg: SaltConfig) -> DistributedDataParallelConfig:
-    """megatron-core's DDP config (float32 grad reduction, bucketed, optional overlap)."""
+    """megatron-core's DDP config: bucketed float32 (or bf16) gradient reduction, optional overlap
+    of the reduction with backward and of the distributed optimizer's all-gather with forward."""
+    par = cfg.parallel
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        grad_reduce_in_fp32=not par.grad_reduce_in_bf16,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        align_param_gather=par.align_param_gather,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        bucket_size=par.ddp_bucket_size,
         check_for_nan_in_grad=False,
     )
 
@@ -196,4 +216,5 @@ def optimizer_config(cfg: SaltConfig) -> OptimizerConfig:
         bf16=cfg.training.bf16,
         params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )

@@ -168,6 +168,16 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass
+    (needs --use-distributed-optimizer and --overlap-grad-reduce)."""
+    align_param_gather: bool = False
+    """Launch the overlapped parameter all-gathers of all pipeline stages together, from the
+    schedule (needs --overlap-param-gather)."""
+    grad_reduce_in_bf16: bool = False
+    """Accumulate and reduce gradients in bfloat16 instead of float32 (needs --bf16)."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient-reduction bucket; None: megatron's max(40M, 1M x DP)."""
     teacher_tensor_model_parallel_size: int = 1
     """Teacher tensor-parallel size: a divisor of the student's (or equal)."""
     distributed_timeout_minutes: int = 10
@@ -177,6 +187,16 @@ class ParallelConfig:
         _positive(self, "", "tensor_model_parallel_size", "pipeline_model_parallel_size")
         _positive(self, "", "virtual_pipeline_model_parallel_size")
         _positive(self, "", "teacher_tensor_model_parallel_size", "distributed_timeout_minutes")
+        _positive(self, "", "ddp_bucket_size")
+        _check(
+            not self.overlap_param_gather
+            or (self.use_distributed_optimizer and self.overlap_grad_reduce),
+            "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce",
+        )
+        _check(
+            not self.align_param_gather or self.overlap_param_gather,
+            "--align-param-gather needs --overlap-param-gather",
+        )
         vpp = self.virtual_pipeline_model_parallel_size
         _check(
             vpp is None or self.pipeline_model_parallel_size > 1,
@@ -292,8 +312,13 @@ class OptimConfig:
     """Linear warm-up steps from 0 to --lr."""
     lr_decay_iters: int | None = None
     """Steps over which the LR decays; None means --train-iters."""
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    """Shape of the decay after warm-up."""
+    lr_decay_style: Literal["cosine", "linear", "constant", "WSD"] = "cosine"
+    """Shape of the decay after warm-up; WSD (warmup-stable-decay) holds --lr until the last
+    --lr-wsd-decay-iters of --lr-decay-iters, then anneals to --min-lr."""
+    lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = "exponential"
+    """Shape of WSD's final anneal."""
+    lr_wsd_decay_iters: int | None = None
+    """Length of WSD's final anneal in steps (needed by --lr-decay-style WSD)."""
     weight_decay: float = 0.1
     """Decoupled weight decay (AdamW)."""
     adam_beta1: float = 0.9
@@ -306,7 +331,11 @@ class OptimConfig:
     """Global gradient-norm clipping threshold (0 disables)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "", "lr", "adam_eps", "lr_decay_iters")
+        _positive(self, "", "lr", "adam_eps", "lr_decay_iters", "lr_wsd_decay_iters")
+        _check(
+            self.lr_decay_style != "WSD" or self.lr_wsd_decay_iters is not None,
+            "--lr-decay-style WSD needs --lr-wsd-decay-iters",
+        )
         _check(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}")
         _check(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
         _check(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
@@ -346,10 +375,27 @@ class TrainingConfig:
     """Save and exit after this many minutes of training."""
     skip_nonfinite_steps: int = 0
     """Skip up to this many steps with a non-finite loss or grad norm instead of halting."""
+    rampup_batch_size: list[int] | None = None
+    """Batch-size ramp-up 'start increment samples' (megatron's calculator): the global batch
+    starts at start and grows by increment, evenly over the first samples samples. Steps stay
+    steps: --train-iters, the LR schedule, the KD phase and its schedule count optimizer steps."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recomputation: full (whole layers, see --recompute-method) or selective (the
+    --recompute-modules of every layer). None keeps all activations."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """Full recompute: uniform (every layer, in groups of --recompute-num-layers that keep only
+    their input) or block (only the first --recompute-num-layers layers of each pipeline chunk)."""
+    recompute_num_layers: int | None = None
+    """Layers per recompute group (uniform) or recomputed layers per chunk (block)."""
+    recompute_modules: list[str] | None = None
+    """Selective recompute: submodules recomputed in backward, of core_attn, mlp, layernorm;
+    None: core_attn."""
+
+    RECOMPUTE_MODULES: ClassVar[tuple[str, ...]] = ("core_attn", "mlp", "layernorm")
 
     def __post_init__(self) -> None:
         _positive(self, "", "micro_batch_size", "global_batch_size", "train_iters", "eval_iters")
-        _positive(self, "", "exit_interval", "exit_duration_in_mins")
+        _positive(self, "", "exit_interval", "exit_duration_in_mins", "recompute_num_layers")
         _check(self.eval_interval >= 0, "--eval-interval must be >= 0")
         _check(self.skip_nonfinite_steps >= 0, "--skip-nonfinite-steps must be >= 0")
         _check(
@@ -357,6 +403,56 @@ class TrainingConfig:
             f"--global-batch-size {self.global_batch_size} is not divisible by "
             f"--micro-batch-size {self.micro_batch_size}",
         )
+        self._check_rampup()
+        self._check_recompute()
+
+    def _check_rampup(self) -> None:
+        if self.rampup_batch_size is None:
+            return
+        ramp = self.rampup_batch_size
+        _check(len(ramp) == 3, f"--rampup-batch-size takes start increment samples, got {ramp}")
+        start, increment, samples = ramp
+        _check(
+            0 < start < self.global_batch_size and increment > 0 and samples >= 0,
+            f"--rampup-batch-size {start} {increment} {samples}: needs 0 < start < "
+            f"--global-batch-size {self.global_batch_size}, increment > 0, samples >= 0",
+        )
+        _check(
+            (self.global_batch_size - start) % increment == 0,
+            f"--rampup-batch-size: --global-batch-size {self.global_batch_size} minus the start "
+            f"{start} is not a multiple of the increment {increment}",
+        )
+
+    def ramp_batch_sizes(self) -> list[int]:
+        """Every global batch size a step can have: the ramp-up's, then --global-batch-size."""
+        if self.rampup_batch_size is None:
+            return [self.global_batch_size]
+        start, increment, _ = self.rampup_batch_size
+        return list(range(start, self.global_batch_size + 1, increment))
+
+    def _check_recompute(self) -> None:
+        granularity, method = self.recompute_granularity, self.recompute_method
+        if granularity == "full":
+            _check(
+                method is not None and self.recompute_num_layers is not None,
+                "--recompute-granularity full needs --recompute-method and --recompute-num-layers",
+            )
+        else:
+            _check(
+                method is None and self.recompute_num_layers is None,
+                "--recompute-method and --recompute-num-layers need --recompute-granularity full",
+            )
+        if self.recompute_modules is not None:
+            _check(
+                granularity == "selective",
+                "--recompute-modules needs --recompute-granularity selective",
+            )
+            unknown = sorted(set(self.recompute_modules) - set(self.RECOMPUTE_MODULES))
+            _check(
+                not unknown and len(self.recompute_modules) > 0,
+                f"--recompute-modules: {unknown or 'empty'}; choose from "
+                f"{list(self.RECOMPUTE_MODULES)}",
+            )
 
 
 @dataclass
@@ -375,6 +471,14 @@ class CheckpointConfig:
     """Signal that makes every rank finish its step, save and exit 0."""
     fallback_to_previous: bool = False
     """If the latest checkpoint is corrupt, load the previous complete one instead of failing."""
+    async_save: bool = False
+    """Write checkpoints in a background process (megatron-core's async machinery); a save is
+    marked complete (renamed, tracker updated) only once every rank has written it."""
+    ckpt_fully_reshardable: bool = False
+    """Save the distributed optimizer's state in the layout-portable fully_reshardable form
+    (gathered per data-parallel group: slow and memory-hungry) instead of dp_reshardable, which
+    every rank writes in parallel but which resumes only at the same TP, PP and virtual PP (and
+    DP only while the gradient buckets stay alike)."""
 
     def __post_init__(self) -> None:
         _check(self.save_interval >= 0, "--save-interval must be >= 0")
@@ -383,7 +487,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console, TensorBoard and Weights & Biases."""
+    """Console, TensorBoard, Weights & Biases, memory and profiling."""
 
     log_interval: int = 10
     """Steps between console lines and TensorBoard scalars."""
@@ -398,6 +502,20 @@ class LoggingConfig:
     """Weights & Biases run name (required with --wandb-project, as in Megatron-LM)."""
     wandb_save_dir: str = ""
     """Directory for the local Weights & Biases files; empty: `<--save>/wandb`."""
+    log_memory: bool = False
+    """Log each rank's peak memory per logging window: allocated and reserved on GPU, resident
+    set on CPU (console: the largest rank; TensorBoard: every rank)."""
+    profile: bool = False
+    """Record a torch.profiler Chrome trace of steps --profile-step-start to --profile-step-end."""
+    profile_step_start: int = 10
+    """First profiled step (0-based global step index)."""
+    profile_step_end: int = 12
+    """Profiling stops before this step."""
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    """Global ranks that record a trace."""
+    profile_dir: str | None = None
+    """Directory of the traces (trace_rank<r>_steps<a>-<b>.json); None: --tensorboard-dir, else
+    ./profile."""
 
     def __post_init__(self) -> None:
         _positive(self, "", "log_interval")
@@ -405,6 +523,12 @@ class LoggingConfig:
             not self.wandb_project or bool(self.wandb_exp_name),
             "--wandb-project needs --wandb-exp-name (the run's name)",
         )
+        _check(
+            0 <= self.profile_step_start < self.profile_step_end,
+            f"--profile-step-start {self.profile_step_start} must be >= 0 and below "
+            f"--profile-step-end {self.profile_step_end}",
+        )
+        _check(len(self.profile_ranks) > 0, "--profile-ranks needs at least one rank")
 
 
 @dataclass
@@ -447,6 +571,30 @@ class SaltConfig:
             self.data.mock_data or bool(self.data.data_path),
             "--data-path is required unless --mock-data is set",
         )
+        _check(
+            not par.grad_reduce_in_bf16 or self.training.bf16,
+            "--grad-reduce-in-bf16 needs --bf16 (float32 training reduces float32 gradients)",
+        )
+        _check(
+            "layernorm" not in (self.training.recompute_modules or [])
+            or self.model.transformer_impl == "transformer_engine",
+            "--recompute-modules layernorm needs --transformer-impl transformer_engine "
+            "(megatron-core's output-discarding checkpoint imports Transformer Engine)",
+        )
+        decay_iters = self.optim.lr_decay_iters or self.training.train_iters
+        wsd = self.optim.lr_wsd_decay_iters
+        _check(
+            wsd is None or wsd <= decay_iters,
+            f"--lr-wsd-decay-iters {wsd} exceeds the {decay_iters} steps of the decay "
+            "(--lr-decay-iters, else --train-iters)",
+        )
+        per_chunk, n = self.model.num_layers // stages, self.training.recompute_num_layers
+        _check(
+            n is None or (n <= per_chunk and (self.training.recompute_method == "block"
+                                              or per_chunk % n == 0)),
+            f"--recompute-num-layers {n} must be at most the {per_chunk} layers of a pipeline "
+            "chunk (and divide them with --recompute-method uniform)",
+        )  # fmt: skip
 
     def validate_world(self, world_size: int) -> None:
         """Checks that need the world size (before any process group starts)."""
@@ -458,20 +606,20 @@ class SaltConfig:
         )
         dp = world_size // mp
         tr = self.training
-        _check(
-            tr.global_batch_size % (tr.micro_batch_size * dp) == 0,
-            f"--global-batch-size {tr.global_batch_size} is not divisible by --micro-batch-size "
-            f"{tr.micro_batch_size} x data-parallel size {dp}",
-        )
         vpp = self.parallel.virtual_pipeline_model_parallel_size
-        if vpp is not None:
-            n_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
-            pp = self.parallel.pipeline_model_parallel_size
+        pp = self.parallel.pipeline_model_parallel_size
+        ramp = "--global-batch-size" if tr.rampup_batch_size is None else "ramp-up batch size"
+        for gbs in tr.ramp_batch_sizes():
             _check(
-                n_micro % pp == 0,
-                f"--global-batch-size {tr.global_batch_size}: the interleaved schedule needs the "
-                f"{n_micro} micro-batches per step to be a multiple of "
-                f"--pipeline-model-parallel-size {pp}",
+                gbs % (tr.micro_batch_size * dp) == 0,
+                f"{ramp} {gbs} is not divisible by --micro-batch-size "
+                f"{tr.micro_batch_size} x data-parallel size {dp}",
+            )
+            n_micro = gbs // (tr.micro_batch_size * dp)
+            _check(
+                vpp is None or n_micro % pp == 0,
+                f"{ramp} {gbs}: the interleaved schedule needs the {n_micro} micro-batches per "
+                f"step to be a multiple of --pipeline-model-parallel-size {pp}",
             )
 
     def data_parallel_size(self, world_size: int) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from megatron.core import parallel_state as mpu
 from megatron.core.distributed import DistributedDataParallel
@@ -64,3 +67,22 @@ def wrap_ddp(
 def count_parameters(chunks: list[torch.nn.Module]) -> int:
     """Parameters held by this rank's chunks (each tensor-parallel shard counted once)."""
     return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+
+
+@contextlib.contextmanager
+def gathered_params(chunks: list[DistributedDataParallel]) -> Iterator[None]:
+    """Every parameter fully up to date on this rank for the block (a collective).
+
+    With ``--overlap-param-gather`` the distributed optimizer's all-gather of the updated weights
+    is deferred to the next training forward (megatron DDP's forward pre-hooks). Code that reads
+    the weights outside a training step (evaluation, checkpoint saves) runs in this block: the
+    hooks are removed after a synchronous all-gather and put back afterwards, as Megatron-LM does.
+    """
+    hooked = [chunk for chunk in chunks if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()

@@ -1,40 +1,14 @@
-"""FLOP counts, throughput and model-FLOP utilisation (MFU)."""
+"""Throughput, model-FLOP utilisation (MFU) and per-rank peak memory of the training loop.
+
+FLOPs per token come from :mod:`salt_megatron.models.flops`.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from salt_megatron.config import megatron as mcfg
-from salt_megatron.config.schema import ModelConfig
-
 #: Dense bf16 peak TFLOP/s by GPU name fragment (vendor data sheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def linear_params_per_layer(model: ModelConfig) -> int:
-    """Weights of one transformer layer's matrix multiplies (QKV, projection, MLP)."""
-    h, head_dim = model.hidden_size, model.head_dim
-    q_dim = model.num_attention_heads * head_dim
-    kv_dim = (model.num_query_groups or model.num_attention_heads) * head_dim
-    ffn = mcfg.ffn_hidden_size(model)
-    mlp_in = ffn * (2 if model.swiglu else 1)
-    return h * (q_dim + 2 * kv_dim) + q_dim * h + h * mlp_in + ffn * h
-
-
-def forward_flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int) -> float:
-    """Forward FLOPs per token: 2 x matmul weights, the LM head, and attention (QK^T and AV).
-
-    Attention counts the full s x s square, as Megatron-LM's MFU does.
-    """
-    layers = model.num_layers
-    matmul = 2.0 * (layers * linear_params_per_layer(model) + model.hidden_size * vocab_size)
-    attention = layers * 4.0 * seq_length * model.num_attention_heads * model.head_dim
-    return matmul + attention
-
-
-def train_flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int) -> float:
-    """Forward + backward FLOPs per token (backward = 2 x forward)."""
-    return 3.0 * forward_flops_per_token(model, seq_length, vocab_size)
 
 
 def peak_tflops() -> float | None:
@@ -46,3 +20,55 @@ def peak_tflops() -> float | None:
         if key in name:
             return value
     return None
+
+
+def _read_peak_rss() -> int:
+    """This process's peak resident set since start or the last reset (Linux VmHWM), bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (Linux >= 4.0); elsewhere the peak spans the whole run
+    except OSError:
+        pass
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """This rank's peak memory since the previous call, in MiB; resets the peak.
+
+    GPU: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved``. CPU: the peak resident
+    set size of the process (``VmHWM``).
+    """
+    if torch.cuda.is_available():
+        peaks = {
+            "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+            "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+        }
+        torch.cuda.reset_peak_memory_stats()
+        return peaks
+    peak = _read_peak_rss() / 2**20
+    _reset_peak_rss()
+    return {"peak_rss_mib": peak}
+
+
+def gather_memory(peaks: dict[str, float]) -> list[dict[str, float]]:
+    """Every rank's :func:`peak_memory_mib` values, in rank order (a collective)."""
+    import torch.distributed as dist
+
+    from salt_megatron.runtime import device
+
+    mine = torch.tensor(list(peaks.values()), dtype=torch.float64, device=device())
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [dict(zip(peaks, t.tolist(), strict=True)) for t in every]

@@ -1,4 +1,4 @@
-"""megatron-core optimizer (Adam, optionally distributed) and the warm-up + decay LR schedule."""
+"""megatron-core optimizer (Adam, optionally distributed) and its warm-up + decay LR schedule."""
 
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ def build_optimizer(cfg: SaltConfig, model: list[nn.Module]) -> MegatronOptimize
 
 
 def build_scheduler(cfg: SaltConfig, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
-    """Linear warm-up to --lr, then cosine/linear/constant decay to --min-lr (per step)."""
+    """Linear warm-up to --lr, then cosine/linear/constant/WSD decay to --min-lr, per step.
+
+    The schedule counts optimizer steps, also across a batch-size ramp-up (Megatron-LM allows a
+    ramp-up only with sample-based training, where the schedule counts samples): the LR reaches
+    --min-lr at --lr-decay-iters whatever the batch sizes were.
+    """
     opt = cfg.optim
     decay_iters = opt.lr_decay_iters or cfg.training.train_iters
     return OptimizerParamScheduler(
@@ -34,6 +39,8 @@ def build_scheduler(cfg: SaltConfig, optimizer: MegatronOptimizer) -> OptimizerP
         end_wd=opt.weight_decay,
         wd_incr_steps=decay_iters,
         wd_incr_style="constant",
+        wsd_decay_steps=opt.lr_wsd_decay_iters,
+        lr_wsd_decay_style=opt.lr_wsd_decay_style,
     )
 
 

@@ -42,6 +42,7 @@ class KDPhase:
         tokenizer_fingerprint: str,
         kd_train: Any | None,
         writer: MetricsWriter | None = None,
+        kd_samples: int = 0,
     ) -> None:
         self.cfg = cfg
         self.layout = layout
@@ -53,23 +54,24 @@ class KDPhase:
         self.teacher_pass: TeacherPass | None = None
         self.released_bytes: int | None = None
         self.writer = writer
+        self.kd_samples = kd_samples
+        """Samples the KD phase's steps consume (their global batches, any ramp-up included)."""
 
     def weight(self, step: int) -> float:
         """KD weight of the 0-based step ``step``."""
         return weight_for(self.cfg.distill, step)
 
-    def data_position(self, step: int, main_train: Any) -> tuple[Any, int]:
-        """Dataset and consumed-sample offset that step ``step`` reads from.
+    def data_position(self, step: int, consumed: int, main_train: Any) -> tuple[Any, int]:
+        """Dataset and sample offset that step ``step`` reads from, ``consumed`` samples in.
 
         With a separate KD blend (``--kd-data-path``) the KD phase reads it from sample 0 and the
         main data starts from its sample 0 at the switch; otherwise one stream runs throughout.
         """
-        gbs = self.cfg.training.global_batch_size
         if self.kd_train is None:
-            return main_train, step * gbs
+            return main_train, consumed
         if in_kd_phase(self.cfg.distill, step):
-            return self.kd_train, step * gbs
-        return main_train, (step - self.cfg.distill.kd_steps) * gbs
+            return self.kd_train, consumed
+        return main_train, consumed - self.kd_samples
 
     def sync(self, step: int) -> bool:
         """Build or release the teacher for ``step``; True when the data iterators must be

@@ -16,14 +16,17 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from salt_megatron.config import megatron as mcfg
 from salt_megatron.config.schema import SaltConfig
 from salt_megatron.data.batches import MicroBatchIterator, stage_iterators
+from salt_megatron.models import flops as model_flops
 from salt_megatron.models.fp8 import check_fp8
 from salt_megatron.models.student import build_student_chunks, count_parameters, wrap_ddp
 from salt_megatron.parallel.state import StudentLayout, init_student_parallel, reseed
 from salt_megatron.runtime import device
 from salt_megatron.training import metrics
+from salt_megatron.training.batch_schedule import BatchSchedule
 from salt_megatron.training.logger import MetricsWriter, log, setup_console
 from salt_megatron.training.optimizer import build_optimizer, build_scheduler, guarded_step
 from salt_megatron.training.phase import KDPhase
+from salt_megatron.training.profiling import StepProfiler
 from salt_megatron.training.step import METRICS, lm_forward_step, sum_reports
 from salt_megatron.training.tracking import require_wandb, start_wandb
 
@@ -47,6 +50,7 @@ class StepResult:
     tokens: int
     updated: bool
     seconds: float
+    batch_size: int
 
 
 class Trainer:
@@ -83,6 +87,8 @@ class Trainer:
         self._install_grad_hooks()
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.batches = BatchSchedule(cfg.training, self.layout.dp)
+        self.profiler = StepProfiler(cfg.logging, dist.get_rank())
         self.train_ds, self.valid_ds = datasets
         self.step = 0
         self.consumed_samples = 0
@@ -103,10 +109,11 @@ class Trainer:
             tokenizer_fingerprint,
             kd_train,
             self.writer,
+            kd_samples=self.batches.samples_before(cfg.distill.kd_steps),
         )
         self.train_iters: list[MicroBatchIterator | None] = []
         self.reset_data_position()
-        self._flops_per_token = metrics.train_flops_per_token(
+        self._flops_per_token = model_flops.train_flops_per_token(
             cfg.model, cfg.data.seq_length, self.padded_vocab
         )
         n_params = count_parameters(self.model)
@@ -119,9 +126,8 @@ class Trainer:
     # ---- set-up ----------------------------------------------------------------------------
     @property
     def num_microbatches(self) -> int:
-        """Micro-batches per step on each data-parallel rank."""
-        tr = self.cfg.training
-        return tr.global_batch_size // (tr.micro_batch_size * self.layout.dp)
+        """Micro-batches of the next step on each data-parallel rank."""
+        return self.batches.at(self.consumed_samples)[1]
 
     def _install_grad_hooks(self) -> None:
         cfg = self.tf_config
@@ -130,11 +136,14 @@ class Trainer:
         if self.cfg.parallel.overlap_grad_reduce:
             sync = [chunk.start_grad_sync for chunk in self.model]
             cfg.grad_sync_func = sync[0] if len(sync) == 1 else sync  # type: ignore[assignment]
+        if self.cfg.parallel.align_param_gather:  # the schedule launches every stage's all-gather
+            gather = [chunk.start_param_sync for chunk in self.model]
+            cfg.param_sync_func = gather[0] if len(gather) == 1 else gather  # type: ignore[assignment]
         cfg.finalize_model_grads_func = finalize_model_grads
 
     def reset_data_position(self) -> None:
         """(Re)build the training iterators for the current step (after a load, at the switch)."""
-        dataset, consumed = self.kd.data_position(self.step, self.train_ds)
+        dataset, consumed = self.kd.data_position(self.step, self.consumed_samples, self.train_ds)
         every_stage = self.kd.tokens_on_every_stage(self.step)
         self.train_iters = self._iterators(dataset, consumed, every_stage)
 
@@ -168,7 +177,7 @@ class Trainer:
         interleaved = self.layout.vpp is not None
         tr = self.cfg.training
         reports = fwd_bwd(
-            forward_step_func=forward_step,
+            forward_step_func=self.profiler.annotate(forward_step),
             data_iterator=iterators if interleaved else iterators[0],
             model=self.model if interleaved else self.model[0],
             num_microbatches=n_micro,
@@ -185,15 +194,15 @@ class Trainer:
         return totals
 
     def train_step(self) -> StepResult:
-        """One optimizer step over the global batch."""
+        """One optimizer step over the global batch (its size set by the batch schedule)."""
         start = time.perf_counter()
+        batch_size, n_micro = self.batches.at(self.consumed_samples)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         if self.kd.sync(self.step):
             self.reset_data_position()  # the KD phase just ended: switch to the main data
         forward_step = self.kd.forward_step(self.step) or lm_forward_step
-        n_micro = self.num_microbatches
         iterators = self.kd.step_iterators(self.train_iters, n_micro)
         totals = self._forward_backward(iterators, n_micro, False, forward_step)
         sums = totals.tolist()  # the step's one read of the loss on the host
@@ -208,7 +217,7 @@ class Trainer:
         else:
             self._count_skip(loss, grad_norm)
         self.step += 1
-        self.consumed_samples += self.cfg.training.global_batch_size
+        self.consumed_samples += batch_size
         return StepResult(
             loss=loss,
             lm_loss=means[METRICS.index("lm_loss")],
@@ -221,6 +230,7 @@ class Trainer:
             tokens=int(sums[-1]),
             updated=updated,
             seconds=time.perf_counter() - start,
+            batch_size=batch_size,
         )
 
     def _count_skip(self, loss: float, grad_norm: float) -> None:
@@ -256,7 +266,8 @@ class Trainer:
         history: list[StepResult] = []
         window: list[StepResult] = []
         while self.step < tr.train_iters:
-            result = self.train_step()
+            with self.profiler.step(self.step):
+                result = self.train_step()
             self.train_seconds += result.seconds
             self.tokens_seen += result.tokens
             history.append(result)
@@ -280,7 +291,7 @@ class Trainer:
     def _log(self, window: list[StepResult]) -> None:
         last = window[-1]
         seconds = sum(r.seconds for r in window)
-        tokens = len(window) * self.cfg.training.global_batch_size * self.cfg.data.seq_length
+        tokens = sum(r.batch_size for r in window) * self.cfg.data.seq_length
         values = {"loss": last.loss}
         if any(r.kd_phase for r in window):
             values.update(
@@ -297,12 +308,23 @@ class Trainer:
             "ms_per_step": 1000.0 * seconds / len(window),
             "elapsed_s": self.train_seconds,
         }
+        if self.cfg.training.rampup_batch_size is not None:
+            values["global_batch_size"] = last.batch_size
         peak = metrics.peak_tflops()
         if peak is not None:
             tflops = self._flops_per_token * tokens / seconds / 1e12 / self.world_size
             values.update(tflops_per_gpu=tflops, mfu=tflops / peak)
+        if self.cfg.logging.log_memory:
+            values |= self._log_memory()
         self.writer.console(self.step, self.cfg.training.train_iters, values)
         self.writer.scalars(self.step, values, prefix="train/")
+
+    def _log_memory(self) -> dict[str, float]:
+        """Every rank's peak memory of the window to TensorBoard; the largest for the console."""
+        ranks = metrics.gather_memory(metrics.peak_memory_mib())
+        for rank, peaks in enumerate(ranks):
+            self.writer.scalars(self.step, peaks, prefix=f"memory/rank{rank}/")
+        return {name: max(r[name] for r in ranks) for name in ranks[0]}
 
     def _log_eval(self) -> None:
         loss = self.evaluate(self.valid_ds, self.cfg.training.eval_iters)
@@ -313,6 +335,7 @@ class Trainer:
         self.writer.scalars(self.step, {"loss": loss, "ppl": ppl}, prefix="valid/")
 
     def close(self) -> None:
-        """Release the teacher if it is still held; flush logs."""
+        """Release the teacher if it is still held; write a pending trace; flush logs."""
+        self.profiler.close()
         self.kd.close()
         self.writer.close()

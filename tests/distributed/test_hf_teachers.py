@@ -242,7 +242,7 @@ def _save_megatron_lm(spec: dict[str, Any], root: str, tp: int, pp: int, vpp: in
     if dist.get_rank() == 0:
         os.makedirs(path)
     dist.barrier()
-    trainer_state._use_in_process_results_queue()
+    trainer_state.use_results_queue()
     dist_checkpointing.save(state, path, sharded_strategy=trainer_state._save_strategy())
     if dist.get_rank() == 0:
         if release:

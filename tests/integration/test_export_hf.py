@@ -77,7 +77,7 @@ def _save_tp2(root: str, tokenizer_model: str, tokens: torch.Tensor) -> torch.Te
     step_dir = layout.iteration_dir(root, 3)
     os.makedirs(step_dir, exist_ok=True)
     dist.barrier()
-    trainer_state._use_in_process_results_queue()
+    trainer_state.use_results_queue()
     dist_checkpointing.save(
         layout.model_sharded_state_dict([gpt]), step_dir, trainer_state._save_strategy()
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 
 from salt_megatron.checkpoint import layout
 from tests.integration.conftest import launch, read_metrics, start
@@ -180,31 +181,101 @@ def test_resume_at_pp2_with_exit_interval(
     _assert_same(_losses(root / "m.jsonl"), ref, range(11, 16), 1e-5)
 
 
-def test_distributed_optimizer_pp2_bitwise_and_dp2(tmp_path: Path) -> None:
-    """Distributed optimizer: PP=2 resume is exact; the same checkpoint resumes at DP=2."""
-    ref_root = tmp_path / "ref"
-    _ok(
-        launch(
-            [
-                *TINY,
-                *PP2_DISTOPT,
-                "--save",
-                str(ref_root),
-                "--save-interval",
-                "10",
-                "--metrics-file",
-                str(ref_root / "m.jsonl"),
-            ],
-            nproc=2,
-        )
+@pytest.fixture(scope="module")
+def distopt_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, float]]:
+    """20 steps at PP=2 with the distributed optimizer, saving every 5 (dp_reshardable, sync)."""
+    root = tmp_path_factory.mktemp("distopt") / "ckpt"
+    args = [*TINY, *PP2_DISTOPT, "--save", str(root), "--save-interval", "5", "--keep-last", "4"]
+    _ok(launch([*args, "--metrics-file", str(root / "m.jsonl")], nproc=2))
+    return root, _losses(root / "m.jsonl")
+
+
+def test_distributed_optimizer_pp2_bitwise_and_dp2(
+    distopt_run: tuple[Path, dict[int, float]], tmp_path: Path
+) -> None:
+    """dp_reshardable resumes exactly at PP=2 and refuses PP=1 in one line; a
+    --ckpt-fully-reshardable save of the same run resumes at DP=2."""
+    ref_root, ref = distopt_run
+    root = _copy(ref_root, [10], tmp_path / "pp2")
+    args = [*TINY, *PP2_DISTOPT, "--load", str(root), "--save", str(root), "--exit-interval", "15"]
+    _ok(launch([*args, "--ckpt-fully-reshardable", "--metrics-file", str(root / "m.jsonl")], 2))
+    _assert_same(_losses(root / "m.jsonl"), ref, range(11, 16), 0.0)
+    assert layout.read_meta(layout.iteration_dir(str(root), 15))["optimizer_sharding"] == (
+        "fully_reshardable"
     )
-    ref = _losses(ref_root / "m.jsonl")
-    cases = (("pp2", PP2_DISTOPT, 0.0), ("dp2", ["--use-distributed-optimizer"], 1e-5))
-    for name, extra, tol in cases:
-        root = _copy(ref_root, [10], tmp_path / name)
-        args = [*TINY, *extra, "--load", str(root), "--metrics-file", str(root / "m.jsonl")]
-        _ok(launch(args, nproc=2))
-        _assert_same(_losses(root / "m.jsonl"), ref, range(11, 21), tol)
+
+    dp2 = [*TINY, "--use-distributed-optimizer", "--metrics-file", str(tmp_path / "dp2.jsonl")]
+    _ok(launch([*dp2, "--load", str(root)], nproc=2))  # iter 15, fully_reshardable
+    _assert_same(_losses(tmp_path / "dp2.jsonl"), ref, range(16, 21), 1e-5)
+
+    refused = _copy(ref_root, [10], tmp_path / "refused")
+    failed = launch([*TINY, "--use-distributed-optimizer", "--load", str(refused)], nproc=1)
+    assert failed.returncode == 3, failed.stdout[-3000:]
+    errors = [line for line in failed.stdout.splitlines() if "checkpoint error" in line]
+    assert errors == [
+        f"pretrain_salt.py: checkpoint error: {layout.iteration_dir(str(refused), 10)}: its "
+        "distributed-optimizer state is dp_reshardable, which cannot change layout (PP 2 -> 1); "
+        "resave it at its own layout with --ckpt-fully-reshardable"
+    ]
+
+
+def _tensors(ckpt_dir: Path) -> dict[str, Any]:
+    """Every tensor of a dist checkpoint (read in this process) and its common.pt."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(ckpt_dir))
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    state["common.pt"] = torch.load(ckpt_dir / "common.pt", weights_only=True)
+    return state
+
+
+def _rank_process(torchrun: Any, rank: int) -> psutil.Process:
+    for child in psutil.Process(torchrun.pid).children():
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no rank {rank} under torchrun {torchrun.pid}")
+
+
+def test_async_save_equals_sync_and_survives_sigkill(
+    distopt_run: tuple[Path, dict[int, float]], tmp_path: Path
+) -> None:
+    """--async-save: a rank SIGKILLed while iter_10 is being written leaves iter_5 the latest
+    checkpoint, equal to the synchronous save of the same step; --load resumes from it exactly."""
+    ref_root, ref = distopt_run
+    root = tmp_path / "ckpt"
+    args = [*TINY, *PP2_DISTOPT, "--save", str(root), "--load", str(root), "--async-save"]
+    args += ["--save-interval", "5", "--metrics-file", str(root / "m.jsonl")]
+    proc = start(args, nproc=2)
+    writing = Path(layout.tmp_dir(str(root), 10))
+    deadline = time.monotonic() + 150
+    while not list(writing.glob("*.distcp")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the save of step 10 never started"
+        time.sleep(0.005)
+    _rank_process(proc, 1).kill()
+    out, _ = proc.communicate(timeout=120)  # torchrun tears the job down, nothing hangs
+    assert proc.returncode != 0, out[-3000:]
+    assert layout.read_latest_step(str(root)) == 5, out[-3000:]
+    assert writing.is_dir() and not Path(layout.iteration_dir(str(root), 10)).exists()
+
+    async_state = _tensors(Path(layout.iteration_dir(str(root), 5)))
+    sync_state = _tensors(Path(layout.iteration_dir(str(ref_root), 5)))
+    assert sorted(async_state) == sorted(sync_state)
+    for key, value in sync_state.items():
+        if key != "common.pt":
+            assert torch.equal(async_state[key], value), key
+    assert async_state["common.pt"] == sync_state["common.pt"]
+
+    (root / "m.jsonl").unlink()
+    out = _ok(launch(args, nproc=2))
+    assert f"resumed from {layout.iteration_dir(str(root), 5)}: step 5" in out
+    _assert_same(_losses(root / "m.jsonl"), ref, range(6, 21), 0.0)
+    assert layout.read_latest_step(str(root)) == 20 and not list(root.glob("*.tmp"))
 
 
 def test_corrupt_metadata_and_mismatched_model(

@@ -136,3 +136,52 @@ def test_student_layouts_with_teacher_match_world1(teacher: Path, tmp_path: Path
         for s in range(1, 9):
             for key in ("loss", "grad_norm") + (("kd_loss", "top1_agree") if s <= 6 else ()):
                 assert got[s][key] == pytest.approx(ref[s][key], rel=1e-4, abs=1e-5), (name, s, key)
+
+
+def _events_within(trace: Path, step: int) -> list[str]:
+    """Names of the trace events inside the ``train_step <step>`` range of a Chrome trace."""
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    (outer,) = [e for e in events if e["name"] == f"train_step {step}"]
+    begin, end = outer["ts"], outer["ts"] + outer["dur"]
+    return [e["name"] for e in events if begin <= e["ts"] and e["ts"] + e["dur"] <= end]
+
+
+def test_rampup_keeps_kd_in_steps_with_wsd_profile_and_memory(
+    teacher: Path, tmp_path: Path
+) -> None:
+    """DP=2 with a batch ramp-up 2 -> 8 over 16 samples and WSD: the KD weight, the switch and
+    the LR follow the step count while the batch grows; a profiled step holds its forward and
+    backward; every rank's peak memory is logged."""
+    metrics, traces = tmp_path / "m.jsonl", tmp_path / "traces"
+    args = [*COMMON, *STUDENT, "--kd-teacher-load", str(teacher), "--micro-batch-size", "1",
+            "--global-batch-size", "8", "--rampup-batch-size", "2", "2", "16",
+            "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "4", "--lr-wsd-decay-style",
+            "linear", "--log-memory", "--profile", "--profile-step-start", "2",
+            "--profile-step-end", "4", "--profile-ranks", "0", "1", "--profile-dir", str(traces),
+            "--metrics-file", str(metrics)]  # fmt: skip
+    out = _ok(launch(args, nproc=2))
+    got = read_metrics(metrics)
+    assert sorted(got) == list(range(1, 13))
+    consumed, lr, min_lr = 0, 3e-3, 3e-5
+    for s in range(1, 13):
+        ramped = 8 if consumed > 16 else 2 + 2 * int(consumed / (16 / 3))
+        assert got[s]["global_batch_size"] == ramped, s
+        consumed += ramped
+        anneal = max(s - 1 - 8, 0) / 4  # the last 4 of 12 steps
+        expected_lr = min_lr + (lr - min_lr) * (1 - anneal)
+        assert got[s]["lr"] == pytest.approx(expected_lr, rel=1e-6), s
+        if s <= 6:
+            assert got[s]["kd_weight"] == pytest.approx(0.5 * (1 - (s - 1) / 6)), s
+        else:
+            assert "kd_weight" not in got[s], s
+    assert [got[s]["global_batch_size"] for s in range(1, 7)] == [2, 2, 2, 4, 4, 6]
+    assert "step 6: KD phase over, teacher released" in out
+    for rank in (0, 1):
+        memory = read_metrics(metrics, group=f"memory/rank{rank}")
+        assert sorted(memory) == list(range(1, 13))
+        assert all(0 < r["peak_rss_mib"] < 1e5 for r in memory.values())
+        for step in (3, 4):  # --profile-step-start 2 = the third step
+            names = _events_within(traces / f"trace_rank{rank}_steps2-4.json", step)
+            assert "forward_step" in names, (rank, step)
+            assert any(n.startswith("autograd::engine::evaluate_function") for n in names)
+    assert "peak_rss_mib" in out

@@ -7,7 +7,7 @@ import signal
 import time
 
 from salt_megatron.config.schema import CheckpointConfig, TrainingConfig
-from salt_megatron.training.signals import StopConditions
+from salt_megatron.runtime.signals import StopConditions
 
 
 def test_exit_signal_is_recorded_then_handler_restored() -> None:

@@ -50,3 +50,20 @@ def test_scale_configs_match_the_paper_setting() -> None:
     assert (cfg.distill.kd_steps, cfg.training.train_iters) == (36000, 208000)
     assert cfg.checkpoint.exit_signal == "SIGUSR1"  # what examples/slurm sends
     assert cfg.data.tokenizer_model and cfg.data.data_path == ["/data/pile/pile_text_document"]
+
+
+def test_70b_config_has_the_megatron_bridge_layout_and_fits_80gb() -> None:
+    path = CONFIGS / "llama3_70b_tp4_pp8.yaml"
+    cfg = parse_config(["--config", str(path)])
+    par, tr = cfg.parallel, cfg.training
+    assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size) == (4, 8)
+    assert par.virtual_pipeline_model_parallel_size == 5 and par.sequence_parallel
+    assert par.use_distributed_optimizer and par.overlap_grad_reduce and par.overlap_param_gather
+    assert tr.recompute_granularity == "full" and cfg.checkpoint.async_save
+    result = planner.plan(cfg, 512, cfg.model.vocab_size or 0, planner.Hardware(80.0))
+    assert 69e9 < result.student_params < 72e9 and 7.5e9 < result.teacher_params < 8.5e9
+    assert result.dp == 16 and result.n_micro == 32
+    assert result.memory_total < 80 * planner.GIB
+    assert all(w.startswith("teacher on the last") for w in result.warnings), result.warnings
+    alternatives = result.memory_alternatives
+    assert alternatives["full (uniform, 1 layer)"] < result.memory_total < alternatives["none"]

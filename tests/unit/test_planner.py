@@ -10,7 +10,7 @@ import pytest
 from salt_megatron import planner
 from salt_megatron.config import parse_config
 from salt_megatron.config.schema import ModelConfig
-from salt_megatron.training import metrics
+from salt_megatron.models import flops as model_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "examples" / "configs" / "salt_pile_1p5b_2p8b.yaml"
@@ -93,8 +93,8 @@ def test_in_flight_micro_batches() -> None:
 def test_paper_plan_overhead_and_fit() -> None:
     cfg = parse_config(["--config", str(PAPER)])
     result = planner.plan(cfg, 64, 50000, planner.Hardware())
-    s_fwd_bwd = metrics.train_flops_per_token(cfg.model, 2048, 50176)  # padded to 128 x TP 2
-    t_fwd = metrics.forward_flops_per_token(cfg.teacher, 2048, 50048)  # padded to 128 x TP 1
+    s_fwd_bwd = model_flops.train_flops_per_token(cfg.model, 2048, 50176)  # padded to 128 x TP 2
+    t_fwd = model_flops.forward_flops_per_token(cfg.teacher, 2048, 50048)  # padded to 128 x TP 1
     assert result.overhead_ideal == pytest.approx(1 + t_fwd / s_fwd_bwd)
     assert 1.1 < result.overhead_ideal < 1.25
     assert 2.7e9 < result.student_params < 2.9e9 and 1.35e9 < result.teacher_params < 1.5e9
@@ -119,16 +119,19 @@ def test_fp8_teacher_weights_take_one_byte() -> None:
 def test_warnings_when_it_does_not_fit() -> None:
     cfg = parse_config(["--config", str(PAPER)])
     tight = planner.plan(cfg, 64, 50000, planner.Hardware(gpu_memory_gib=20))
-    assert any("needs full activation recomputation" in w for w in tight.warnings)
+    assert any(
+        w.startswith("does not fit with recompute none") and "--recompute-granularity" in w
+        for w in tight.warnings
+    ), tight.warnings
     small = planner.plan(cfg, 64, 50000, planner.Hardware(gpu_memory_gib=8))
-    assert any(w.startswith("does not fit") for w in small.warnings)
+    assert any("even with full recomputation" in w for w in small.warnings)
 
 
 def test_kd_step_ratio_by_hand() -> None:
     """Per-stage FLOPs: layers ``X`` and head ``H`` forward per token, the student 3x that."""
     model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4)
     head = 2.0 * 64 * 128
-    layers = metrics.forward_flops_per_token(model, 16, 128) - head
+    layers = model_flops.forward_flops_per_token(model, 16, 128) - head
     # A student-sized teacher split evenly: every stage does 3 X/p (+ 3 H) and X/p (+ H) more.
     for pp, n_micro in ((1, 3), (2, 4), (4, 8)):
         ratio = planner.kd_step_ratio(model, model, 16, 128, pp, n_micro)
@@ -175,3 +178,26 @@ def test_plan_tool_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert tool.main(["--config", str(PAPER), "--gpu-memory-gib", "8"]) == 1
     assert "WARNING: does not fit" in capsys.readouterr().out
     assert tool.main(["--config", str(PAPER), "--world-size", "63"]) == 2
+
+
+def test_recompute_choices_by_hand() -> None:
+    """4 layers in 2 virtual chunks on a stage, 3 micro-batches in flight (GELU MLP of 4h)."""
+    model = ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, swiglu=False)
+    s, b, h, a = 128, 2, 64, 4
+    sbh, scores, mlp = s * b * h, 5 * a * s * s * b, 2 * s * b * 4 * h * 2
+    parts = planner.activation_parts_per_layer(model, s, b, tp=1, sp=False, flash=False)
+    full = sbh * (34 + 5 * a * s / h)
+    assert sum(parts.values()) == pytest.approx(full)
+    assert (parts["core_attn"], parts["mlp"]) == (scores, mlp)
+    stored, rc = 2 * sbh, planner.Recompute
+
+    def on_stage(choice: planner.Recompute) -> float:
+        return planner.stage_activation_bytes(parts, stored, 4, 2, 3.0, choice)
+
+    assert on_stage(rc()) == pytest.approx(3 * 4 * full)
+    assert on_stage(rc("full", "uniform", 2)) == pytest.approx(3 * 2 * stored + 2 * full)
+    assert on_stage(rc("full", "block", 1)) == pytest.approx(3 * 2 * (stored + full) + full)
+    assert on_stage(rc("selective")) == pytest.approx(3 * 4 * (full - scores) + scores)
+    both = rc("selective", modules=("core_attn", "mlp"))
+    assert on_stage(both) == pytest.approx(3 * 4 * (full - scores - mlp) + scores + mlp)
+    assert rc("full", "block", 1).label == "full (block, 1 layer)"
