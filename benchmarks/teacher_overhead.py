@@ -1,33 +1,43 @@
 """Benchmark: KD-phase step time over the plain step time, against the FLOP-ideal ratio.
 
-For each layout (world size, student TP, teacher TP) one process group is spawned; inside it, for
-each teacher size, a teacher checkpoint is saved (random weights, our checkpoint layout), a
-:class:`~salt_megatron.training.trainer.Trainer` with KD enabled (schedule ``step``, w=0.5, so every
-step is a KD step) is built on a synthetic dataset, warmed up, and then timed in alternating
-blocks of ``--steps`` KD steps and ``--steps`` plain steps of the *same* trainer (the plain block
-swaps the KD forward step for the plain one; the teacher stays built), ``--rounds`` times.
-Reported per row (the fastest block of each kind: the machine may be shared):
+For each layout (world size, student TP, teacher TP, student PP) one process group is spawned;
+inside it, for each teacher size, a teacher checkpoint is saved (random weights, our checkpoint
+layout), a :class:`~salt_megatron.training.trainer.Trainer` with KD enabled (schedule ``step``,
+w=0.5, so every step is a KD step) is built on a synthetic dataset, warmed up, and then timed in
+alternating blocks of ``--steps`` plain steps and ``--steps`` KD steps of the *same* trainer (the
+plain block swaps the KD forward step for the plain one; the teacher stays built), ``--rounds``
+times. Reported per row (the fastest block of each kind: the machine may be shared):
 
-* plain / KD ms per optimizer step, their ratio ("measured"), the FLOP-ideal ratio
-  ``1 + F_teacher_fwd / F_student_fwd_bwd`` per token (:func:`flop_ideal_ratio`), measured/ideal;
+* plain / KD ms per optimizer step, their ratio ("measured"; the median of the paired
+  KD/plain block ratios in brackets), the FLOP-ideal ratio ``1 + F_teacher_fwd /
+  F_student_fwd_bwd`` per token (:func:`flop_ideal_ratio`), measured/ideal;
 * the teacher time share (``KDForwardStep.teacher_timer`` over the KD step time);
-* where the excess ``KD - plain`` goes, per step: the teacher body (teacher time minus the
-  exchange), the exchange into the student's vocabulary layout (``student_layout_logits`` minus
-  ``final_hidden`` on the same rows, timed separately: the all-gather of hidden states and the
-  output layer's vocabulary slice), the KD loss over megatron's
-  ``vocab_parallel_cross_entropy`` (forward + backward on logits of the step's shape, timed
-  separately, times the micro-batches), and the unexplained rest.
+* where the excess ``KD - plain`` goes, per step (PP 1 rows): the teacher body (teacher time
+  minus the exchange), the exchange into the student's vocabulary layout
+  (``student_layout_logits`` minus ``final_hidden`` on the same rows, timed separately: the
+  all-gather of hidden states and the output layer's vocabulary slice), the KD loss over
+  megatron's ``vocab_parallel_cross_entropy`` (forward + backward on logits of the step's shape,
+  timed separately, times the micro-batches), and the unexplained rest.
 
-Offline rows (``--offline-top-k k``, 0 disables): the online trainer's teacher stores the top-k
-targets of the samples a second trainer will read (the tool's pass, timed), and that trainer,
-built with ``--kd-targets`` and no teacher, is timed the same way (KD on stored targets / plain).
+Pipeline rows (``--pipeline``: PP 1, 2 and 4 at the same shapes, where transformer layers, not
+the output layer, dominate). At PP > 1 every round has two KD blocks beside its plain block: the
+teacher balanced over the stages (the teacher pass of :mod:`salt_megatron.distill.teacher_pass`)
+and, for comparison, the whole teacher on the last stage (the trainer's teacher pass switched
+off, so the KD forward step runs the teacher in line there, as before the teacher pass): two
+rows from one trainer, measured side by side. Rows come from the last stage; their FLOP-ideal
+ratio is :func:`salt_megatron.planner.kd_step_ratio` (the slowest stage's pace), and the summary
+gives each PP > 1 ratio over the PP 1 ratio.
 
-    python benchmarks/teacher_overhead.py [--quick] [--offline-top-k 64] [--write-docs]
+Offline rows (``--offline-top-k k``, 0 disables; PP 1 layouts): KD steps on stored teacher
+targets, :mod:`benchmarks.offline_rows`.
+
+    python benchmarks/teacher_overhead.py [--quick] [--pipeline] [--offline-top-k 64] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -43,11 +53,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import offline_rows  # noqa: E402
 from benchmarks.common import machine, write_docs  # noqa: E402
 from salt_megatron.config.schema import ModelConfig  # noqa: E402
 from salt_megatron.models import flops as model_flops  # noqa: E402
+from salt_megatron.planner import kd_step_ratio  # noqa: E402
 
 KD_WEIGHT, TEMP = 0.5, 1.0
+PIPELINE_TARGET = 1.15
+"""The KD/plain ratio at PP > 1 may exceed PP 1's by at most this factor (teacher balanced)."""
+PIPELINE = {
+    "student": "8x256x4", "teachers": ["4x256x4"], "vocab": 1024, "seq": 128, "mbs": 2,
+    "gbs": 16, "threads": 1, "layouts": ["1:1:1", "2:1:1:2", "4:1:1:4"], "offline_top_k": 0,
+}  # fmt: skip
+"""``--pipeline``: shapes where transformer layers dominate (vocabulary 1024: the LM head is 4% of
+the student's FLOPs), a teacher of half the student's layers (about 17% of a student step, as
+in the paper), 8 micro-batches; PP 1, 2 and 4 (each with the teacher balanced, and on the last
+stage); one thread per process at every layout (two threads of a shared 2-core machine wait on
+each other whenever another job takes one core, and the KD step's extra small ops pay that more
+often)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +99,35 @@ class Shape:
 
     def __str__(self) -> str:
         return f"{self.layers}L h{self.hidden}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``world:TP:teacher TP[:PP]``: the student's TP and PP, the teacher's TP."""
+
+    world: int
+    tp: int
+    ttp: int
+    pp: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """``"4:1:1:4"`` -> Layout(4, 1, 1, 4); PP defaults to 1."""
+        numbers = [int(x) for x in text.split(":")]
+        if len(numbers) not in (3, 4):
+            raise ValueError(f"layout {text!r}: world:TP:teacher TP[:PP]")
+        return cls(*numbers)
+
+    def flags(self) -> list[str]:
+        """The parallelism flags."""
+        return ["--tensor-model-parallel-size", str(self.tp), "--pipeline-model-parallel-size",
+                str(self.pp), "--teacher-tensor-model-parallel-size", str(self.ttp)]  # fmt: skip
+
+    @property
+    def placements(self) -> tuple[str, ...]:
+        """Where the teacher runs in the KD blocks: ``balanced`` over the stages (the teacher
+        pass), and at PP > 1 also ``last`` (all of it on the last stage, for comparison)."""
+        return ("balanced", "last") if self.pp > 1 else ("balanced",)
 
 
 def flop_ideal_ratio(
@@ -175,14 +228,15 @@ def _common_flags(opts: dict[str, Any]) -> list[str]:
 
 def _block(trainer: Any, steps: int, kd: bool) -> tuple[float, float]:
     """(seconds per step, teacher seconds per step) of ``steps`` KD or plain steps."""
-    if not kd:
-        setattr(trainer.kd, "forward_step", lambda step: None)  # noqa: B010 (plain, teacher kept)
+    if not kd:  # plain steps of the same trainer (the teacher stays built): no teacher pass
+        setattr(trainer.kd, "forward_step", lambda step: None)  # noqa: B010
+        setattr(trainer.kd, "step_iterators", lambda iterators, n_micro: iterators)  # noqa: B010
     trainer.kd.take_teacher_seconds()
     try:
         results = [trainer.train_step() for _ in range(steps)]
     finally:
         if not kd:
-            del trainer.kd.forward_step
+            del trainer.kd.forward_step, trainer.kd.step_iterators
     assert all(r.kd_phase == kd for r in results)
     return sum(r.seconds for r in results) / steps, trainer.kd.take_teacher_seconds() / steps
 
@@ -241,169 +295,184 @@ def _exchange_seconds(trainer: Any, reps: int) -> float:
     return max(0.0, whole - body)
 
 
-def _run_case(opts: dict[str, Any], root: str, tp: int, ttp: int, shape: Shape) -> dict:
-    """Build a KD trainer for one (layout, teacher) case and time it; returns the row."""
+def _build_trainer(opts: dict[str, Any], root: str, lay: Layout, shape: Shape) -> Any:
+    """A KD trainer (every step a KD step) with its teacher built."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
 
     from salt_megatron.config import parse_config
     from salt_megatron.training.trainer import Trainer
 
-    student = Shape.parse(opts["student"])
     cfg = parse_config([
-        *_common_flags(opts), *student.flags(), *shape.flags("teacher-"),
+        *_common_flags(opts), *Shape.parse(opts["student"]).flags(), *shape.flags("teacher-"),
         "--kd-teacher-load", root, "--kd-steps", "100000", "--kd-schedule", "step",
-        "--kd-weight", str(KD_WEIGHT), "--kd-temperature", str(TEMP),
-        "--tensor-model-parallel-size", str(tp), "--teacher-tensor-model-parallel-size", str(ttp),
+        "--kd-weight", str(KD_WEIGHT), "--kd-temperature", str(TEMP), *lay.flags(),
     ])  # fmt: skip
     cfg.validate_world(dist.get_world_size())
     trainer = Trainer(cfg, (RandomTokens(opts["vocab"], opts["seq"]), None), opts["vocab"])
-    kd_t, plain_t, teach_t, ratios = _time_blocks(trainer, opts["steps"], opts["rounds"])
-    loss_kd, loss_ce = _loss_seconds(trainer, opts["reps"])
-    exchange = _exchange_seconds(trainer, opts["reps"])
-    n_micro = trainer.num_microbatches
-    padded = trainer.padded_vocab
-    row: dict[str, Any] = {
-        "world": dist.get_world_size(), "tp": tp, "ttp": ttp, "student": str(student),
-        "teacher": str(shape), "n_micro": n_micro, "padded_vocab": padded,
-        "plain": min(plain_t), "kd": min(kd_t), "ratio": min(kd_t) / min(plain_t),
-        "paired": statistics.median(ratios), "teacher_s": min(teach_t),
-        "exchange": exchange * n_micro, "loss_excess": (loss_kd - loss_ce) * n_micro,
-        "loss_kd": loss_kd, "loss_ce": loss_ce,
-        "ideal": flop_ideal_ratio(student.model(opts["vocab"]), shape.model(opts["vocab"]),
-                                  opts["seq"], padded),
-        "head_s": head_share(student.model(opts["vocab"]), opts["seq"], padded),
-        "head_t": head_share(shape.model(opts["vocab"]), opts["seq"], padded),
-    }  # fmt: skip
-    targets = os.path.join(root, f"targets_ttp{ttp}")  # a fresh store per case: the pass is timed
-    if opts["offline_top_k"]:
-        row["pass_s"], row["pass_steps"] = _store_targets(trainer, targets, opts)
+    trainer.kd.sync(trainer.step)
+    return trainer
+
+
+def _ideal(opts: dict[str, Any], lay: Layout, shape: Shape, padded: int, n_micro: int) -> dict:
+    """The FLOP-ideal KD/plain ratio of each placement."""
+    student, teacher = Shape.parse(opts["student"]).model(opts["vocab"]), shape.model(opts["vocab"])
+    if lay.pp == 1:
+        return {"balanced": flop_ideal_ratio(student, teacher, opts["seq"], padded)}
+    args = (student, teacher, opts["seq"], padded, lay.pp, n_micro)
+    return {p: kd_step_ratio(*args, balanced=p == "balanced") for p in lay.placements}
+
+
+def _time_blocks(trainer: Any, opts: dict[str, Any], lay: Layout) -> dict[str, Any]:
+    """Alternate a plain block with one KD block per placement, ``rounds`` times.
+
+    ``last``: the trainer's teacher pass is switched off, so the KD forward step runs the whole
+    teacher on the last stage, in line (the placement before the teacher pass).
+    """
+    teacher_pass = trainer.kd.teacher_pass
+    plain: list[float] = []
+    kd: dict[str, list[float]] = {p: [] for p in lay.placements}
+    teach: dict[str, list[float]] = {p: [] for p in lay.placements}
+    for round_ in range(opts["rounds"] + 1):  # round 0: warm-up
+        p_seconds, _ = _block(trainer, opts["steps"] if round_ else 1, False)
+        plain.append(p_seconds)
+        for place in lay.placements:
+            trainer.kd.teacher_pass = teacher_pass if place == "balanced" else None
+            k_seconds, t_seconds = _block(trainer, opts["steps"] if round_ else 2, True)
+            kd[place].append(k_seconds)
+            teach[place].append(t_seconds)
+    trainer.kd.teacher_pass = teacher_pass
+    return {"plain": plain[1:], "kd": {p: v[1:] for p, v in kd.items()},
+            "teacher": {p: v[1:] for p, v in teach.items()}}  # fmt: skip
+
+
+def _run_case(opts: dict[str, Any], root: str, lay: Layout, shape: Shape) -> list[dict]:
+    """Build a KD trainer for one (layout, teacher) case and time it; one row per placement."""
+    from megatron.core import parallel_state as mpu
+
+    trainer = _build_trainer(opts, root, lay, shape)
+    times = _time_blocks(trainer, opts, lay)
+    n_micro, padded = trainer.num_microbatches, trainer.padded_vocab
+    nan = float("nan")
+    loss_kd, loss_ce, exchange = nan, nan, nan  # micro-timings: PP 1 only (collective)
+    if lay.pp == 1:
+        loss_kd, loss_ce = _loss_seconds(trainer, opts["reps"])
+        exchange = _exchange_seconds(trainer, opts["reps"])
+    student, ideal = Shape.parse(opts["student"]), _ideal(opts, lay, shape, padded, n_micro)
+    rows = []
+    for place in lay.placements:
+        kd_t, plain_t = times["kd"][place], times["plain"]
+        rows.append({
+            "layout": lay, "placement": place, "student": str(student), "teacher": str(shape),
+            "n_micro": n_micro, "padded_vocab": padded, "plain": min(plain_t), "kd": min(kd_t),
+            "ratio": min(kd_t) / min(plain_t),
+            "paired": statistics.median(k / p for k, p in zip(kd_t, plain_t, strict=True)),
+            "teacher_s": min(times["teacher"][place]), "exchange": exchange * n_micro,
+            "loss_excess": (loss_kd - loss_ce) * n_micro, "loss_kd": loss_kd,
+            "loss_ce": loss_ce, "ideal": ideal[place],
+            "head_s": head_share(student.model(opts["vocab"]), opts["seq"], padded),
+            "head_t": head_share(shape.model(opts["vocab"]), opts["seq"], padded),
+        })  # fmt: skip
+    if opts["offline_top_k"] and lay.pp == 1:
+        rows[0].update(_offline_case(opts, root, lay, trainer))
+    else:
+        trainer.close()
+        mpu.destroy_model_parallel()
+    return rows
+
+
+def _offline_case(opts: dict[str, Any], root: str, lay: Layout, trainer: Any) -> dict[str, Any]:
+    """Store ``trainer``'s teacher targets (timed), close it, and time KD steps on the stored
+    targets against plain steps of a trainer without a teacher."""
+    from megatron.core import parallel_state as mpu
+
+    n_steps = offline_rows.steps_read(opts["steps"], opts["rounds"])
+    targets = os.path.join(root, f"targets_ttp{lay.ttp}")  # a fresh store per case: timed pass
+    pass_s = offline_rows.store_targets(
+        trainer, targets, n_steps, opts["gbs"], opts["offline_top_k"], TEMP
+    )
     trainer.close()
     mpu.destroy_model_parallel()
-    if opts["offline_top_k"]:
-        row.update(_offline_case(opts, targets, row["pass_steps"], student, tp))
-        mpu.destroy_model_parallel()
-    return row
+    flags = [
+        *_common_flags(opts), *Shape.parse(opts["student"]).flags(), "--kd-schedule", "step",
+        "--kd-weight", str(KD_WEIGHT), "--kd-temperature", str(TEMP),
+        "--tensor-model-parallel-size", str(lay.tp),
+    ]  # fmt: skip
+    data = RandomTokens(opts["vocab"], opts["seq"])
+    offline = offline_rows.offline_trainer(flags, targets, n_steps, data, opts["vocab"])
+    times = _time_blocks(offline, opts, Layout(lay.world, lay.tp, lay.ttp))
+    offline.close()
+    mpu.destroy_model_parallel()
+    kd_t, plain_t = times["kd"]["balanced"], times["plain"]
+    return {
+        "pass_s": pass_s, "pass_steps": n_steps, "off_plain": min(plain_t), "off_kd": min(kd_t),
+        "off_paired": statistics.median(k / p for k, p in zip(kd_t, plain_t, strict=True)),
+    }  # fmt: skip
 
 
-def _time_blocks(trainer: Any, steps: int, rounds: int) -> tuple[list[float], ...]:
-    """Warm up, then ``rounds`` blocks of ``steps`` KD steps and ``steps`` plain steps:
-    (KD s/step, plain s/step, teacher s/step, KD/plain) per round."""
-    for kd in (True, True, False):  # warm-up: 2 KD steps, 1 plain step
-        _block(trainer, 1, kd)
-    kd_t, plain_t, teach_t, ratios = [], [], [], []
-    for _ in range(rounds):
-        k, t = _block(trainer, steps, True)
-        p, _ = _block(trainer, steps, False)
-        kd_t.append(k)
-        plain_t.append(p)
-        teach_t.append(t)
-        ratios.append(k / p)
-    return kd_t, plain_t, teach_t, ratios
-
-
-def _store_targets(trainer: Any, root: str, opts: dict[str, Any]) -> tuple[float, int]:
-    """The one-off teacher pass of ``tools/save_teacher_targets.py`` over the samples an
-    offline trainer of this layout reads (the online trainer's teacher, its student layout).
-    Returns (seconds of the pass, optimizer steps it covers)."""
-    import torch.distributed as dist
-
-    from salt_megatron.data.teacher_targets import TargetSpec, write_spec
-    from salt_megatron.distill.targets import save_targets
-
-    lay, dataset = trainer.layout, trainer.train_ds
-    n_steps = 3 + 2 * opts["steps"] * opts["rounds"]
-    spec = TargetSpec(
-        teacher="benchmark", tokenizer_fingerprint="", dataset_fingerprint="",
-        dataset_length=len(dataset), num_samples=n_steps * opts["gbs"], seq_length=opts["seq"],
-        vocab_size=opts["vocab"], temperature=TEMP, top_k=opts["offline_top_k"], top_p=None,
-        samples_per_shard=opts["gbs"],
-    )  # fmt: skip
-    if dist.get_rank() == 0:
-        write_spec(root, spec)
-    dist.barrier()
-    start = time.perf_counter()
-    save_targets(trainer.kd.step_fn.teacher, dataset, root, spec, opts["mbs"], lay.dp_rank,
-                 lay.dp, lay.tp_group, lay.tp_rank == 0)  # fmt: skip
-    return time.perf_counter() - start, n_steps
-
-
-def _offline_case(
-    opts: dict[str, Any], targets: str, n_steps: int, student: Shape, tp: int
-) -> dict[str, float]:
-    """KD steps on the stored targets (no teacher) against plain steps of the same trainer."""
-    import torch.distributed as dist
-
-    from salt_megatron.config import parse_config
-    from salt_megatron.data.teacher_targets import TargetStore
-    from salt_megatron.training.trainer import Trainer
-
-    cfg = parse_config([
-        *_common_flags(opts), *student.flags(), "--kd-targets", targets,
-        "--kd-steps", str(n_steps), "--kd-schedule", "step", "--kd-weight", str(KD_WEIGHT),
-        "--kd-temperature", str(TEMP), "--tensor-model-parallel-size", str(tp),
-    ])  # fmt: skip
-    cfg.validate_world(dist.get_world_size())
-    data = (RandomTokens(opts["vocab"], opts["seq"]), None)
-    trainer = Trainer(cfg, data, opts["vocab"], kd_targets=TargetStore(targets))
-    kd_t, plain_t, _, ratios = _time_blocks(trainer, opts["steps"], opts["rounds"])
-    trainer.close()
-    return {"off_plain": min(plain_t), "off_kd": min(kd_t),
-            "off_paired": statistics.median(ratios)}  # fmt: skip
-
-
-def bench_worker(opts: dict[str, Any], tmp: str, tp: int, ttp: int) -> list[dict]:
-    """Every teacher of ``opts`` at one layout, in this process group; rank 0's rows are used."""
+def bench_worker(opts: dict[str, Any], tmp: str, lay: Layout) -> list[dict]:
+    """Every teacher of ``opts`` at one layout, in this process group; the last rank's rows are
+    used (the last pipeline stage: the loss, the head, and the logging rank)."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(opts["threads"] or max(1, (os.cpu_count() or 1) // world))
     rows = []
     for text in opts["teachers"]:
         shape = Shape.parse(text)
-        root = os.path.join(tmp, f"teacher_{text}_w{world}_tp{tp}")
-        _save_teacher(root, shape, opts, tp)
-        rows.append(_run_case(opts, root, tp, ttp, shape))
+        root = os.path.join(tmp, f"teacher_{text}_w{world}_tp{lay.tp}")
+        if not os.path.isdir(root):
+            _save_teacher(root, shape, opts, lay.tp)
+        rows += _run_case(opts, root, lay, shape)
     return rows
 
 
 # ---- driver side -----------------------------------------------------------------------------
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{1000.0 * seconds:.0f}"
+
+
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| world | TP | teacher TP | student | teacher | plain ms | KD ms | measured "
-        "(paired median) | FLOP-ideal | measured/ideal | teacher share | excess ms: teacher fwd / "
-        "exchange / KD loss - CE / rest | LM-head FLOP share S / T |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| world | TP | teacher TP | PP | teacher on | student | teacher | plain ms | KD ms | "
+        "measured (paired median) | FLOP-ideal | measured/ideal | teacher share | excess ms: "
+        "teacher fwd / exchange / KD loss - CE / rest | LM-head FLOP share S / T |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ms = 1000.0
-        excess = r["kd"] - r["plain"]
-        fwd = r["teacher_s"] - r["exchange"]
+        lay, excess = r["layout"], r["kd"] - r["plain"]
+        fwd = r["teacher_s"] - (0.0 if math.isnan(r["exchange"]) else r["exchange"])
         rest = excess - r["teacher_s"] - r["loss_excess"]
+        where = {"balanced": "stages", "last": "last stage"}[r["placement"]] if lay.pp > 1 else "-"
         lines.append(
-            f"| {r['world']} | {r['tp']} | {r['ttp']} | {r['student']} | {r['teacher']} "
-            f"| {r['plain'] * ms:.0f} | {r['kd'] * ms:.0f} | {r['ratio']:.2f} ({r['paired']:.2f}) "
-            f"| {r['ideal']:.3f} "
+            f"| {lay.world} | {lay.tp} | {lay.ttp} | {lay.pp} | {where} | {r['student']} "
+            f"| {r['teacher']} | {_ms(r['plain'])} | {_ms(r['kd'])} "
+            f"| {r['ratio']:.2f} ({r['paired']:.2f}) | {r['ideal']:.3f} "
             f"| {r['ratio'] / r['ideal']:.2f} | {r['teacher_s'] / r['kd']:.0%} "
-            f"| {fwd * ms:.0f} / {r['exchange'] * ms:.0f} / {r['loss_excess'] * ms:.0f} "
-            f"/ {rest * ms:.0f} | {r['head_s']:.0%} / {r['head_t']:.0%} |"
+            f"| {_ms(fwd)} / {_ms(r['exchange'])} / {_ms(r['loss_excess'])} / {_ms(rest)} "
+            f"| {r['head_s']:.0%} / {r['head_t']:.0%} |"
         )
     return "\n".join(lines)
 
 
-def _offline_table(rows: list[dict], top_k: int) -> str:
-    lines = [
-        f"| world | TP | teacher TP | student | teacher | plain ms | offline KD ms (k={top_k}) "
-        "| offline/plain (paired median) | online KD / plain | one-off teacher pass ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def pipeline_summary(rows: list[dict], target: float = PIPELINE_TARGET) -> str:
+    """Each PP > 1 row's KD/plain ratio over the PP 1 row's (same student and teacher, TP 1):
+    the fastest blocks' ratios and the paired medians."""
+    lines = []
     for r in rows:
-        ms = 1000.0
+        lay = r["layout"]
+        base = [b for b in rows if b["layout"].pp == 1 and b["layout"].tp == lay.tp
+                and (b["student"], b["teacher"]) == (r["student"], r["teacher"])]  # fmt: skip
+        balanced = r["placement"] == "balanced"
+        if lay.pp == 1 or not base:
+            continue
+        best, median = r["ratio"] / base[0]["ratio"], r["paired"] / base[0]["paired"]
+        verdict = "met" if max(best, median) <= target else "not met"
+        where = "balanced over the stages" if balanced else "on the last stage"
         lines.append(
-            f"| {r['world']} | {r['tp']} | {r['ttp']} | {r['student']} | {r['teacher']} "
-            f"| {r['off_plain'] * ms:.0f} | {r['off_kd'] * ms:.0f} "
-            f"| {r['off_kd'] / r['off_plain']:.2f} ({r['off_paired']:.2f}) | {r['ratio']:.2f} "
-            f"| {r['pass_s'] / r['pass_steps'] * ms:.0f} |"
+            f"- PP {lay.pp}, teacher {where}: KD/plain {r['ratio']:.2f} (median "
+            f"{r['paired']:.2f}) against {base[0]['ratio']:.2f} ({base[0]['paired']:.2f}) at "
+            f"PP 1: x{best:.2f} (median x{median:.2f})"
+            + (f"; target <= x{target:g}: {verdict}" if balanced else "")
         )
     return "\n".join(lines)
 
@@ -413,7 +482,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--student", default="4x256x4", help="layers x hidden x heads")
     parser.add_argument("--teachers", nargs="+", default=["2x128x4", "4x192x4"])
     parser.add_argument("--layouts", nargs="+", default=["1:1:1", "2:2:1", "2:2:2"],
-                        help="world:student TP:teacher TP")  # fmt: skip
+                        help="world:student TP:teacher TP[:student PP]")  # fmt: skip
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--mbs", type=int, default=2)
@@ -424,12 +493,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--offline-top-k", type=int, default=64,
                         help="k of the stored-target rows (0: no offline rows)")  # fmt: skip
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="per process (0: cores / world)")
     parser.add_argument("--quick", action="store_true", help="one teacher, 2 layouts, short")
+    parser.add_argument("--pipeline", action="store_true", help="PP 1/2/4 rows (PIPELINE)")
     parser.add_argument("--write-docs", action="store_true")
+    if "--pipeline" in (argv if argv is not None else sys.argv[1:]):
+        parser.set_defaults(**PIPELINE)
     args = parser.parse_args(argv)
     if args.quick:
-        args.teachers, args.layouts = args.teachers[:1], ["1:1:1", "2:2:1"]
-        args.steps, args.rounds, args.reps = 2, 2, 2
+        args.teachers, args.steps, args.rounds, args.reps = args.teachers[:1], 2, 2, 2
+        args.layouts = ["1:1:1", "4:1:1:4"] if args.pipeline else ["1:1:1", "2:2:1"]
     return args
 
 
@@ -438,31 +511,31 @@ def main(argv: list[str] | None = None) -> None:
     from tests.distributed.launcher import run_distributed
 
     args = _parse(argv)
-    opts = {k: v for k, v in vars(args).items() if k not in ("layouts", "quick", "write_docs")}
+    skip = ("layouts", "quick", "pipeline", "write_docs")
+    opts = {k: v for k, v in vars(args).items() if k not in skip}
     rows: list[dict] = []
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="teacher_overhead_") as tmp:
         for text in args.layouts:
-            world, tp, ttp = (int(x) for x in text.split(":"))
-            rows += run_distributed(bench_worker, world, opts, tmp, tp, ttp)[0]
-            print(_table(rows[-len(args.teachers) :]), flush=True)
+            lay = Layout.parse(text)
+            rows += run_distributed(bench_worker, lay.world, opts, tmp, lay)[-1]
+            print(_table(rows[-len(args.teachers) * len(lay.placements) :]), flush=True)
             if args.offline_top_k:
-                print(_offline_table(rows[-len(args.teachers) :], args.offline_top_k), flush=True)
+                print(offline_rows.offline_table(rows, args.offline_top_k), flush=True)
     offline = (
-        "\n\nOffline rows (`--kd-targets`): the online trainer's teacher stores its top-"
-        f"{args.offline_top_k} targets of the samples a second trainer reads "
-        "(`salt_megatron.distill.targets.save_targets`, the tool's pass, timed: one-off ms per "
-        "optimizer step of samples), then that trainer, without a teacher, is timed like the "
-        "online one (its plain blocks read the same batches, targets unused).\n\n"
-        + _offline_table(rows, args.offline_top_k)
-        if args.offline_top_k
+        "\n\n"
+        + offline_rows.DOC.format(k=args.offline_top_k)
+        + "\n\n"
+        + offline_rows.offline_table(rows, args.offline_top_k)
+        if any("off_kd" in r for r in rows)
         else ""
     )
     text = (
         f"Machine: {machine()}; torch {torch.__version__}; vocab {args.vocab} (padded as shown "
         f"by megatron), seq {args.seq}, micro-batch {args.mbs}, global batch {args.gbs} "
         f"({rows[0]['n_micro']} micro-batches/step at DP=1), {'bf16' if args.bf16 else 'fp32'}, "
+        f"{args.threads or 'cores / world'} thread(s) per process, "
         f"KD w={KD_WEIGHT} T={TEMP}; {args.rounds} alternating blocks of {args.steps} KD / "
         f"{args.steps} plain steps of one trainer: ms/step = fastest block, measured = their "
         f"ratio (median of the paired KD/plain block ratios in brackets); micro-timings: min of "
@@ -470,9 +543,12 @@ def main(argv: list[str] | None = None) -> None:
         f"`python benchmarks/teacher_overhead.py {' '.join(argv or sys.argv[1:])}`; load "
         f"average before the run {load:.1f}\n\n" + _table(rows) + offline
     )
+    summary = pipeline_summary(rows)
+    text += f"\n\n{summary}" if summary else ""
     print("\n" + text)
     if args.write_docs:
-        write_docs(text, "## Teacher overhead")
+        pipeline = "## Teacher overhead over pipeline stages"
+        write_docs(text, pipeline if args.pipeline else "## Teacher overhead")
 
 
 if __name__ == "__main__":

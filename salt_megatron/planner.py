@@ -22,16 +22,21 @@ Memory of the busiest rank (bytes):
   the totals under no, selective and full recomputation. The first pipeline stage holds
   ``min(pp, micro-batches)`` micro-batches in flight under 1F1B (interleaving multiplies it by
   ``1 + (pp - 1) / (pp·v)``).
-* **Teacher** (it sits on the student's last pipeline stage at its own TP): its weights in bf16
-  (2 bytes) or FP8 (1, with ``--fp8-format``), plus one layer's no-grad working set.
+* **Teacher** (:func:`teacher_memory`; every pipeline stage holds a teacher body at its own TP):
+  the body's weights (the student's padded vocabulary in the embedding, no output layer) in the
+  training dtype or FP8 (1 byte, with ``--fp8-format``), plus one layer's no-grad working set;
+  the last stage also holds the head (its ``V/t x h`` vocabulary slice of the output layer).
+  With PP > 1 the last stage holds the final hidden states of all the step's micro-batches
+  (``M·s·b·h_teacher``, gathered before the schedule) and every other stage those of its block.
 * **Logits and the KD loss** on the last stage: the student's logits shard ``s·b·V/t`` and its
   gradient in the training dtype, the teacher's shard (bf16), a second teacher shard when the
   teacher's TP differs from the student's (the exchange's receive buffer), and the loss kernel's
   float32 chunk temporaries (see ``salt_megatron.loss.kd_cross_entropy``).
 
 FLOPs come from :mod:`salt_megatron.models.flops`. The KD phase's ideal overhead is
-``1 + F_teacher_fwd / F_student_fwd_bwd``; with PP > 1 the teacher's whole forward lands on the last
-stage, so that stage (and the pipeline) slows by ``1 + pp·F_teacher_fwd / F_student_fwd_bwd``.
+``1 + F_teacher_fwd / F_student_fwd_bwd``. With PP > 1 every stage runs the teacher body for its
+block of the step's micro-batches and the last stage the head: :func:`kd_step_ratio` gives the
+KD step over the plain step at the pace of the slowest stage (1F1B steady state).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 from salt_megatron.config import megatron as mcfg
 from salt_megatron.config.schema import ModelConfig, SaltConfig, TrainingConfig
 from salt_megatron.models import flops as model_flops
+from salt_megatron.parallel.teacher_pipeline import stage_blocks
 
 GIB = 1024**3
 #: Float32 temporaries of the KD loss per chunk, and the chunk size on a GPU (elements).
@@ -277,6 +283,8 @@ class Plan:
     total_hours: float
     hardware: Hardware
     warnings: list[str] = field(default_factory=list)
+    overhead_last_stage: float = 1.0
+    """KD over plain step with the whole teacher on the last stage (for comparison; PP > 1)."""
 
 
 def _teacher_enabled(cfg: SaltConfig) -> bool:
@@ -296,26 +304,39 @@ def _padded(cfg: SaltConfig, vocab: int, teacher: bool = False) -> int:
     return mcfg.padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, tp)
 
 
-def _last_stage_memory(cfg: SaltConfig, vocab: int) -> dict[str, float]:
-    """Teacher and logits-sized buffers: only the last stage has them."""
+def teacher_memory(cfg: SaltConfig, vocab: int, n_micro: int, stage: int) -> dict[str, float]:
+    """The teacher's and the logits' bytes on one rank of pipeline stage ``stage``, by component.
+
+    Every stage holds the teacher body (built with the student's padded vocabulary, its output
+    layer dropped) and, at PP > 1, the hidden states of its block of the ``n_micro``
+    micro-batches; the last stage holds all ``n_micro`` of them, the head and the logits-sized
+    buffers.
+    """
     par, tr = cfg.parallel, cfg.training
-    tp, s, b = par.tensor_model_parallel_size, cfg.data.seq_length, tr.micro_batch_size
-    padded = _padded(cfg, vocab)
-    if not _teacher_enabled(cfg):
-        shard = float(s * b * (padded // tp))
-        return {"logits + loss buffers": 2 * (2.0 if tr.bf16 else 4.0) * shard}
-    teacher, ttp = cfg.teacher, par.teacher_tensor_model_parallel_size
-    tb = max(1, math.ceil(b / (tp // ttp)))
-    bytes_per = 1.0 if teacher_fp8(cfg) else 2.0
-    return {
-        "teacher weights": total_params(teacher, _padded(cfg, vocab, True)) / ttp * bytes_per,
-        "teacher forward working set": activation_bytes_per_layer(
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    s, b, last = cfg.data.seq_length, tr.micro_batch_size, stage == pp - 1
+    padded, dtype = _padded(cfg, vocab), 2.0 if tr.bf16 else 4.0
+    memory: dict[str, float] = {}
+    if _teacher_enabled(cfg):
+        teacher, ttp = cfg.teacher, par.teacher_tensor_model_parallel_size
+        untied = teacher.untie_embeddings_and_output_weights
+        body = total_params(teacher, padded) - (padded * teacher.hidden_size if untied else 0)
+        tb = max(1, math.ceil(b / (tp // ttp)))
+        memory["teacher body weights"] = body / ttp * (1.0 if teacher_fp8(cfg) else dtype)
+        memory["teacher forward working set"] = activation_bytes_per_layer(
             teacher, s, tb, tp=ttp, sp=False, flash=teacher.transformer_impl != "local"
-        ),
-        "logits + KD loss buffers": kd_buffer_bytes(
-            s, b, padded, tp=tp, teacher_tp=ttp, bf16=tr.bf16
-        ),
-    }
+        )
+        if pp > 1:
+            held = n_micro if last else len(stage_blocks(n_micro, pp)[stage])
+            memory["teacher hidden states of the step"] = held * s * b * teacher.hidden_size * dtype
+        if last:
+            memory["teacher head (vocabulary slice)"] = padded // tp * teacher.hidden_size * dtype
+            memory["logits + KD loss buffers"] = kd_buffer_bytes(
+                s, b, padded, tp=tp, teacher_tp=ttp, bf16=tr.bf16
+            )
+    elif last:
+        memory["logits + loss buffers"] = 2 * dtype * s * b * (padded // tp)
+    return memory
 
 
 def stage_memory(
@@ -343,8 +364,7 @@ def stage_memory(
         "student weights+grads+optimizer": params * per_param,
         f"activations (recompute: {rc.label})": activations,
     }
-    if stage == pp - 1:
-        memory.update(_last_stage_memory(cfg, vocab))
+    memory.update(teacher_memory(cfg, vocab, n_micro, stage))
     return memory
 
 
@@ -357,13 +377,45 @@ def _flops(cfg: SaltConfig, vocab: int) -> dict[str, float]:
     return flops
 
 
+def kd_step_ratio(
+    student: ModelConfig,
+    teacher: ModelConfig,
+    seq: int,
+    padded_vocab: int,
+    pp: int,
+    n_micro: int,
+    *,
+    balanced: bool = True,
+) -> float:
+    """KD step time over plain step time at PP = ``pp``, from FLOPs per token per stage.
+
+    The pipeline runs at the pace of its slowest stage (1F1B steady state). A plain stage does
+    the forward and backward of its ``L/pp`` layers, the last one also of the output layer. The
+    teacher adds its body's forward for the stage's block of the ``n_micro`` micro-batches
+    (:func:`~salt_megatron.parallel.teacher_pipeline.stage_blocks`) and, on the last stage, the
+    head (``2·h_teacher·V``) for all of them; ``balanced=False``: the whole teacher on the last
+    stage (the placement before the teacher pass). Both models use ``padded_vocab``.
+    """
+    s_head, t_head = (
+        2.0 * student.hidden_size * padded_vocab,
+        2.0 * teacher.hidden_size * padded_vocab,
+    )
+    s_layers = model_flops.forward_flops_per_token(student, seq, padded_vocab) - s_head
+    t_body = model_flops.forward_flops_per_token(teacher, seq, padded_vocab) - t_head
+    blocks = stage_blocks(n_micro, pp) if balanced else [range(0)] * (pp - 1) + [range(n_micro)]
+    plain = [3.0 * (s_layers / pp + (s_head if i == pp - 1 else 0.0)) for i in range(pp)]
+    extra = [t_body * len(blk) / n_micro for blk in blocks]
+    extra[-1] += t_head
+    return max(p + e for p, e in zip(plain, extra, strict=True)) / max(plain)
+
+
 def _times(
-    cfg: SaltConfig, flops: dict[str, float], world_size: int, hw: Hardware
-) -> tuple[dict[str, float], float, float, float]:
-    """Step seconds by kind, the two KD overheads, and the whole run's hours."""
+    cfg: SaltConfig, flops: dict[str, float], world_size: int, hw: Hardware, pipelined: float
+) -> tuple[dict[str, float], float, float]:
+    """Step seconds by kind, the ideal KD overhead, and the whole run's hours (``pipelined``:
+    :func:`kd_step_ratio` of the run)."""
     tr, pp = cfg.training, cfg.parallel.pipeline_model_parallel_size
-    ratio = flops.get("teacher fwd", 0.0) / flops["student fwd+bwd"]
-    ideal, pipelined = 1.0 + ratio, 1.0 + pp * ratio
+    ideal = 1.0 + flops.get("teacher fwd", 0.0) / flops["student fwd+bwd"]
     tokens = tr.global_batch_size * cfg.data.seq_length
     plain = tokens * flops["student fwd+bwd"] / (world_size * hw.gpu_tflops * 1e12 * hw.mfu)
     steps = {"plain step": plain}
@@ -371,9 +423,9 @@ def _times(
     if kd_steps:
         steps["KD step (ideal)"] = plain * ideal
         if pp > 1:
-            steps["KD step (teacher on last stage)"] = plain * pipelined
+            steps["KD step (slowest pipeline stage)"] = plain * pipelined
     hours = (kd_steps * plain * pipelined + (tr.train_iters - kd_steps) * plain) / 3600.0
-    return steps, ideal, pipelined, hours
+    return steps, ideal, hours
 
 
 def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) -> Plan:
@@ -393,8 +445,13 @@ def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) 
         for rc in RECOMPUTE_ALTERNATIVES
     }
     flops = _flops(cfg, vocab_size)
-    steps, ideal, pipelined, hours = _times(cfg, flops, world_size, hardware)
     spad = _padded(cfg, vocab_size)
+    pipelined = last = 1.0 + flops.get("teacher fwd", 0.0) / flops["student fwd+bwd"]
+    if "teacher fwd" in flops and pp > 1:
+        shapes = (cfg.model, cfg.teacher, cfg.data.seq_length, spad, pp, n_micro)
+        pipelined = kd_step_ratio(*shapes)
+        last = kd_step_ratio(*shapes, balanced=False)
+    steps, ideal, hours = _times(cfg, flops, world_size, hardware, pipelined)
     result = Plan(
         world_size=world_size,
         dp=dp,
@@ -419,6 +476,7 @@ def plan(cfg: SaltConfig, world_size: int, vocab_size: int, hardware: Hardware) 
         overhead_pipeline=pipelined,
         total_hours=hours,
         hardware=hardware,
+        overhead_last_stage=last,
     )
     result.warnings = _warnings(cfg, result)
     return result
@@ -450,11 +508,6 @@ def _warnings(cfg: SaltConfig, p: Plan) -> list[str]:
         out.append(
             f"--micro-batch-size {cfg.training.micro_batch_size} < {replicas} teacher replicas "
             "per student TP group: the teacher forward is partly redundant"
-        )
-    if "teacher fwd" in p.flops and par.pipeline_model_parallel_size > 1:
-        out.append(
-            f"teacher on the last of {par.pipeline_model_parallel_size} stages: KD steps run at "
-            f"x{p.overhead_pipeline:.2f} of a plain step instead of x{p.overhead_ideal:.2f}"
         )
     return out
 
@@ -496,7 +549,8 @@ def format_plan(cfg: SaltConfig, p: Plan) -> str:
     if "teacher fwd" in p.flops:
         flops.append(("KD overhead, ideal", f"x{p.overhead_ideal:.3f}"))
         if par.pipeline_model_parallel_size > 1:
-            flops.append(("KD overhead, teacher on last stage", f"x{p.overhead_pipeline:.3f}"))
+            flops.append(("KD overhead, slowest pipeline stage", f"x{p.overhead_pipeline:.3f}"))
+            flops.append(("  (whole teacher on the last stage", f"x{p.overhead_last_stage:.3f})"))
     lines += _table("FLOPs", flops)
     times = [(k, f"{v:8.3f} s") for k, v in p.step_seconds.items()]
     times.append(

@@ -118,6 +118,9 @@ def transformer_config(
         calculate_per_token_loss=True,
         # gloo pairs p2p sends/receives in posting order: batched p2p is wrong at PP=2 with VPP.
         batch_p2p_comm=on_gpu,
+        # megatron's default syncs the whole device after every batched p2p transfer, a
+        # workaround for PyTorch releases before the ones setup.cfg admits (torch >= 2.4).
+        batch_p2p_sync=False,
         deallocate_pipeline_outputs=True,
         **fusions(model, on_gpu, fused_kernels()),
         use_cpu_initialization=not on_gpu if host_init is None else host_init,

@@ -1,8 +1,10 @@
 """The KD-phase forward step: teacher soft targets + student logits -> the SALT loss.
 
-On the student's last pipeline stage (where the teacher lives) each micro-batch runs the frozen
-teacher on the same tokens, receives its logits in the student's vocabulary layout, runs the
-student without labels (vocab-parallel logits), and computes per token
+On the student's last pipeline stage each micro-batch gets the frozen teacher's logits in the
+student's vocabulary layout (at PP = 1 the teacher runs here on the same tokens; at PP > 1 every
+stage computed its share of the teacher's hidden states before the schedule,
+:mod:`salt_megatron.distill.teacher_pass`, and only the head runs here), runs the student
+without labels (vocab-parallel logits), and computes per token
 ``(1 - w) * CE(student, labels) + w * KD(student, teacher)`` with the fused vocab-parallel loss.
 Earlier stages run the plain student forward.
 
@@ -24,6 +26,7 @@ import torch
 
 from salt_megatron.config.schema import DistillConfig
 from salt_megatron.data.batches import Batch
+from salt_megatron.distill.teacher_pass import TEACHER_HIDDEN
 from salt_megatron.loss import KDStats, kd_cross_entropy
 from salt_megatron.loss.contract import LossFunc, reduce_token_losses
 from salt_megatron.models.stage import read_batch, stage_inputs
@@ -54,6 +57,9 @@ class KDForwardStep:
 
     def _teacher_logits_sbv(self, batch: Batch) -> torch.Tensor:
         with self.teacher_timer.time():
+            hidden_bsh = batch.get(TEACHER_HIDDEN)
+            if hidden_bsh is not None:  # computed before the schedule (PP > 1)
+                return self.teacher.logits_from_hidden(hidden_bsh)
             return self.teacher.student_layout_logits(batch["tokens"], batch["position_ids"])
 
     def __call__(

@@ -1,19 +1,22 @@
 """The teacher's own process groups (a megatron-core ``ProcessGroupCollection``).
 
-The teacher lives on the ranks of the student's last pipeline stage, with PP = 1 and its own
-tensor-parallel size ``t`` (a divisor of the student's ``s``). Inside each last-stage student TP
-group ``[g_0 .. g_{s-1}]`` the teacher TP groups are consecutive runs of ``t`` ranks
-(``[g_0 .. g_{t-1}]``, ``[g_t .. g_{2t-1}]``, ...): ``k = s / t`` teacher replicas. The teacher's
-data-parallel ("replica") group joins the teacher ranks holding the same teacher shard: it gives
-dist-checkpointing unique replica ids (one main replica per shard) when loading. The *gather*
-group joins, inside one student TP group, the ``k`` ranks of equal teacher TP rank (one per
-replica): each replica computes the final hidden states of its share of a micro-batch's
+Every rank holds a teacher body (every pipeline stage computes the teacher's hidden states for
+its share of a step's micro-batches, :mod:`salt_megatron.parallel.teacher_pipeline`), with PP = 1
+and its own tensor-parallel size ``t`` (a divisor of the student's ``s``). Inside each student
+TP group ``[g_0 .. g_{s-1}]`` (of every stage) the teacher TP groups are consecutive runs of ``t``
+ranks (``[g_0 .. g_{t-1}]``, ``[g_t .. g_{2t-1}]``, ...): ``k = s / t`` teacher replicas. The
+teacher's data-parallel ("replica") group joins the teacher ranks holding the same teacher shard:
+it gives dist-checkpointing unique replica ids (one main replica per shard) when loading. The
+*gather* group joins, inside one student TP group, the ``k`` ranks of equal teacher TP rank (one
+per replica): each replica computes the final hidden states of its share of a micro-batch's
 sequences, and this group all-gathers them (see :mod:`salt_megatron.parallel.teacher_exchange`).
+Only the last stage's ranks apply the output layer (the head); ``head_index`` numbers the last
+stage's student TP groups for the head's replica ids.
 
 ``torch.distributed.new_group`` is collective over the world: :func:`build_teacher_groups` is
-called by *every* rank (including ranks of other pipeline stages, which belong to no teacher
-group) and creates every group in the same order. The size-1 groups for pipeline, context and
-embedding roles are created with ``use_local_synchronization`` (only their member takes part).
+called by every rank and creates every group in the same order. The size-1 groups for pipeline,
+context and embedding roles are created with ``use_local_synchronization`` (only their member
+takes part).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 @dataclass
 class TeacherGroups:
-    """This rank's teacher groups; ``pgs`` is None on ranks that hold no teacher."""
+    """This rank's teacher groups; ``pgs`` is None once destroyed."""
 
     teacher_tp: int
     teacher_tp_rank: int
@@ -37,14 +40,10 @@ class TeacherGroups:
     gather: Any = None
     """The ``k`` ranks of this rank's teacher TP rank across the replicas of its student TP
     group, in replica order; None when ``k == 1``."""
-    student_group_index: int = 0
-    """Index of this rank's student TP group among the last stage's (a unique replica id for
-    shards that every student TP group loads alike)."""
-
-    @property
-    def holds_teacher(self) -> bool:
-        """Whether this rank holds a teacher shard."""
-        return self.pgs is not None
+    head_index: int | None = 0
+    """Index of this rank's student TP group among the last stage's (a unique replica id for the
+    head's shards, which every last-stage student TP group loads alike); None off the last
+    stage, which holds no head."""
 
     def destroy(self) -> int:
         """Destroy the groups this rank belongs to (after a barrier on the teacher TP group).
@@ -63,13 +62,17 @@ class TeacherGroups:
         return count
 
 
-def _last_stage_tp_groups(student_tp_group: Any, is_last_stage: bool) -> list[list[int]]:
-    """Global ranks of every last-stage student TP group, sorted (same list on every rank)."""
+def _student_tp_groups(
+    student_tp_group: Any, is_last_stage: bool
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Global ranks of every student TP group and of the last stage's, sorted (same lists on
+    every rank)."""
     mine = (bool(is_last_stage), dist.get_process_group_ranks(student_tp_group))
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    groups = {tuple(ranks) for last, ranks in gathered if last}
-    return [list(g) for g in sorted(groups)]
+    every = sorted({tuple(ranks) for _, ranks in gathered})
+    last = sorted({tuple(ranks) for is_last, ranks in gathered if is_last})
+    return [list(g) for g in every], [list(g) for g in last]
 
 
 def build_teacher_groups(
@@ -79,10 +82,10 @@ def build_teacher_groups(
 
     Args:
         student_tp_group: this rank's student TP group (its ranks in student TP rank order).
-        is_last_stage: whether this rank is on the student's last pipeline stage.
+        is_last_stage: whether this rank is on the student's last pipeline stage (holds a head).
         teacher_tp: teacher TP size ``t``; must divide every student TP group's size.
     """
-    student_groups = _last_stage_tp_groups(student_tp_group, is_last_stage)
+    student_groups, last_groups = _student_tp_groups(student_tp_group, is_last_stage)
     me = dist.get_rank()
     tp_groups: list[list[int]] = []
     for ranks in student_groups:
@@ -110,13 +113,13 @@ def build_teacher_groups(
             group = dist.new_group(ranks)
             if me in ranks:
                 my_gather = group
-    if my_tp is None or my_dp is None:
-        return TeacherGroups(teacher_tp, 0, None)
+    if my_tp is None or my_dp is None:  # unreachable: every rank is in a student TP group
+        raise RuntimeError(f"rank {me} is in no teacher group")
     single = dist.new_group([me], use_local_synchronization=True)
     owned = [g for g in (my_tp, my_dp, my_gather, single) if g is not None]
     pgs = ProcessGroupCollection(
         tp=my_tp, pp=single, cp=single, embd=single, pos_embd=single,
         tp_cp=my_tp, mp=my_tp, dp=my_dp, dp_cp=my_dp,
     )  # fmt: skip
-    index = next(i for i, ranks in enumerate(student_groups) if me in ranks)
+    index = next((i for i, ranks in enumerate(last_groups) if me in ranks), None)
     return TeacherGroups(teacher_tp, tp_rank, pgs, owned, my_gather, index)

@@ -2,15 +2,19 @@
 
 Lifecycle (design and trade-offs in ``docs/teacher.md``)::
 
-    teacher = Teacher.build(cfg, ..., device=device())  # every rank (collective); None off the
-                                                        # last stage
+    teacher = Teacher.build(cfg, ..., device=device())  # every rank (collective); the head
+                                                        # only on the last pipeline stage
     logits_sbv = teacher.student_layout_logits(tokens_bs, position_ids_bs)   # per micro-batch
-    freed = teacher.release()                   # end of the KD phase, every teacher rank
+    # or, split (PP > 1: any stage computes hidden states, the last stage applies the head):
+    hidden_bsh = teacher.final_hidden_states(tokens_bs, position_ids_bs)
+    logits_sbv = teacher.logits_from_hidden(hidden_bsh)
+    freed = teacher.release()                   # end of the KD phase, every rank
 
 Per micro-batch (:mod:`salt_megatron.parallel.teacher_exchange`): each teacher replica inside a
 student TP group runs the body (embedding, layers, final norm) on its share of the sequences,
-one all-gather hands every rank the final hidden states of all of them, and each rank applies
-only its student vocabulary slice of the output layer (:class:`VocabSliceHead`).
+one all-gather hands every rank the final hidden states of all of them, and each last-stage rank
+applies only its student vocabulary slice of the output layer (:class:`VocabSliceHead`). With
+PP > 1 :mod:`salt_megatron.distill.teacher_pass` spreads a step's micro-batches over the stages.
 """
 
 from __future__ import annotations
@@ -60,9 +64,9 @@ def _head_key(model: ModelConfig) -> str:
 
 
 def _load_weights(
-    model: GPTModel | None, head: VocabSliceHead | None, groups: TeacherGroups, path: str, key: str
+    model: GPTModel, head: VocabSliceHead | None, groups: TeacherGroups, path: str, key: str
 ) -> None:
-    """Two loads, collective over the world (ranks holding no teacher take part empty).
+    """Two loads, collective over the world (ranks off the last stage load no head: empty).
 
     The body's shards use the teacher's groups for replica ids (``dp_cp_group`` = the teacher
     replica group: one main replica per shard whatever the student's layout); the output
@@ -71,26 +75,29 @@ def _load_weights(
     its key is the embedding's, sharded differently. The checkpoint is someone else's: nothing in
     it is unpickled beyond plain metadata (:mod:`salt_megatron.checkpoint.untrusted`).
     """
-    if model is None or head is None or groups.pgs is None:
-        untrusted.load_sharded({}, path)
-        untrusted.load_sharded({}, path)
-        return
+    assert groups.pgs is not None
     body = model.sharded_state_dict(metadata={"dp_cp_group": groups.pgs.dp})
     for name in [k for k in body if k.startswith("output_layer.")]:
         del body[name]
     model.output_layer = FinalHiddenStates()
     state = untrusted.load_sharded({"model": body}, path)
     untrusted.load_module_state(model, state["model"], path)
-    untrusted.load_sharded(head.sharded_state_dict(key, groups.student_group_index), path)
+    if head is None or groups.head_index is None:
+        untrusted.load_sharded({}, path)
+    else:
+        untrusted.load_sharded(head.sharded_state_dict(key, groups.head_index), path)
 
 
 class Teacher:
-    """A frozen GPT on this rank's teacher groups; logits come out in the student's layout."""
+    """A frozen GPT on this rank's teacher groups; logits come out in the student's layout.
+
+    Every rank holds the body; only last-stage ranks hold the head (``head`` None elsewhere).
+    """
 
     def __init__(
         self,
         model: GPTModel,
-        head: VocabSliceHead,
+        head: VocabSliceHead | None,
         groups: TeacherGroups,
         layout: tx.VocabLayout,
         fp8: bool,
@@ -115,12 +122,13 @@ class Teacher:
         *,
         device: torch.device,
         vocab_size: int | None = None,
-    ) -> Teacher | None:
+    ) -> Teacher:
         """Check the checkpoint, create the groups, build and load the teacher (all ranks call).
 
         Args:
             student_tp_group: this rank's student TP group (vocabulary shards in rank order).
-            is_last_stage: the teacher lives on the student's last pipeline stage only.
+            is_last_stage: whether this rank is on the student's last pipeline stage; only those
+                ranks build the head (every rank builds the body).
             student_padded_vocab: the student's padded vocabulary ``V``; the teacher's embedding
                 is built with it (divisible by the teacher TP size since that divides the
                 student's), and the head reads slice ``r`` of ``s`` of it.
@@ -130,8 +138,8 @@ class Teacher:
                 default ``cfg.model.vocab_size``, else the checkpoint's.
 
         Returns:
-            The teacher, or None on ranks of other pipeline stages. Raises :class:`TeacherError`
-            (on every rank alike, before any collective) when the checks fail.
+            The teacher (on every rank). Raises :class:`TeacherError` (on every rank alike,
+            before any collective) when the checks fail.
         """
         t = cfg.parallel.teacher_tensor_model_parallel_size
         _check_layout(t, student_tp_size, student_padded_vocab)
@@ -144,28 +152,26 @@ class Teacher:
             raise TeacherError(f"{ckpt.path}: the true vocabulary size is unknown (--vocab-size)")
         check_fp8(cfg.training.fp8_format, mcfg.teacher_fp8_recipe(cfg.training.fp8_recipe))
         groups = build_teacher_groups(student_tp_group, is_last_stage, t)
-        model = head = None
-        if groups.holds_teacher:
-            tf_config = mcfg.teacher_transformer_config(cfg, model_cfg)
-            with torch.no_grad():
-                model = build_gpt(
-                    model_cfg,
-                    tf_config,
-                    padded_vocab_size=student_padded_vocab,
-                    max_sequence_length=model_cfg.max_position_embeddings,
-                    pre_process=True,
-                    post_process=True,
-                    pg_collection=groups.pgs,
-                    device=device,
-                )
+        tf_config = mcfg.teacher_transformer_config(cfg, model_cfg)
+        with torch.no_grad():
+            model = build_gpt(
+                model_cfg,
+                tf_config,
+                padded_vocab_size=student_padded_vocab,
+                max_sequence_length=model_cfg.max_position_embeddings,
+                pre_process=True,
+                post_process=True,
+                pg_collection=groups.pgs,
+                device=device,
+            )
+        head = None
+        if is_last_stage:
             width = student_padded_vocab // student_tp_size
             head = VocabSliceHead(
                 model_cfg.hidden_size, width, student_tp_rank, student_tp_size, int(true_vocab),
                 tf_config.params_dtype, device,
             )  # fmt: skip
         _load_weights(model, head, groups, ckpt.path, _head_key(model_cfg))
-        if model is None or head is None:
-            return None
         model.eval()
         model.requires_grad_(False)
         layout = tx.VocabLayout(student_tp_size, t, student_tp_rank)
@@ -185,7 +191,8 @@ class Teacher:
 
     @torch.no_grad()
     def final_hidden(self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor) -> torch.Tensor:
-        """The body's final (normed) hidden states ``[b, s, h]`` for ``tokens_bs`` ``[b, s]``."""
+        """The body's final (normed) hidden states ``[b, s, h]`` for ``tokens_bs`` ``[b, s]``, all
+        computed by this rank's replica (no split, no exchange)."""
         if self.model is None:
             raise RuntimeError("the teacher was released")
         return self.model(tokens_bs, position_ids_bs, attention_mask=None)
@@ -199,11 +206,51 @@ class Teacher:
         how = "no exchange" if k == 1 else "hidden states all-gathered"
         log.info(
             f"teacher forward: {k} replica(s) of TP {self.layout.teacher_tp} per student TP "
-            f"group compute {shares} of {batch} sequences ({how}); each rank applies its "
-            f"{self.layout.student_tp}-way vocabulary slice of the output layer"
+            f"group compute {shares} of {batch} sequences ({how}); each last-stage rank applies "
+            f"its {self.layout.student_tp}-way vocabulary slice of the output layer"
         )
 
     @torch.no_grad()
+    def final_hidden_states(
+        self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
+    ) -> torch.Tensor:
+        """The body's final hidden states ``[b, s, h]`` of the whole micro-batch, on every rank
+        of the student TP group.
+
+        Each teacher replica computes its share of the ``b`` sequences; one all-gather over the
+        gather group (when ``t < s``) completes them. Collective over the teacher's TP and
+        gather groups; no host sync.
+        """
+        batch, lay = tokens_bs.shape[0], self.layout
+        self._log_layout(batch)
+        rows = lay.rows(batch)
+        if rows.stop > rows.start:
+            mine_bsh = self.final_hidden(tokens_bs[rows], position_ids_bs[rows])
+        else:  # fewer sequences than replicas: this replica computes none
+            mine_bsh = self.empty_hidden(0, tokens_bs.shape[1])
+        return tx.gather_hidden(mine_bsh, batch, lay, self.groups.gather)
+
+    def empty_hidden(self, batch: int, seq: int) -> torch.Tensor:
+        """An uninitialised ``[batch, seq, h]`` buffer for final hidden states: the teacher's
+        dtype, on its device."""
+        if self.model is None:
+            raise RuntimeError("the teacher was released")
+        w = self.model.embedding.word_embeddings.weight
+        return w.new_empty((batch, seq, w.shape[1]))
+
+    @torch.no_grad()
+    def logits_from_hidden(self, hidden_bsh: torch.Tensor) -> torch.Tensor:
+        """Teacher logits ``[s, b, V/s_tp]`` of this student TP rank's vocabulary slice, from the
+        final hidden states ``[b, s, h]`` (:meth:`final_hidden_states`). Last stage only.
+
+        Contiguous, in the teacher's dtype, no grad; columns whose global index is ``>= true
+        vocab`` set to :data:`PAD_LOGIT`. Local: no communication.
+        """
+        if self.head is None:
+            why = "released" if self.model is None else "not built off the last pipeline stage"
+            raise RuntimeError(f"the teacher's output layer is {why}")
+        return self.head(hidden_bsh.transpose(0, 1))
+
     def student_layout_logits(
         self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
     ) -> torch.Tensor:
@@ -214,22 +261,10 @@ class Teacher:
             position_ids_bs: ``[b, s]`` int64 positions.
 
         Returns:
-            ``[s, b, V/s_tp]`` contiguous, in the teacher's dtype, no grad; columns whose global
-            index is ``>= true vocab`` set to :data:`PAD_LOGIT`. The only logits-sized tensor
-            the call allocates. Collective over the teacher's gather group when ``t < s``.
+            :meth:`logits_from_hidden` of :meth:`final_hidden_states`: the only logits-sized
+            tensor the call allocates. Collective over the teacher's gather group when ``t < s``.
         """
-        if self.head is None:
-            raise RuntimeError("the teacher was released")
-        batch, lay = tokens_bs.shape[0], self.layout
-        self._log_layout(batch)
-        rows = lay.rows(batch)
-        if rows.stop > rows.start:
-            mine_bsh = self.final_hidden(tokens_bs[rows], position_ids_bs[rows])
-        else:  # fewer sequences than replicas: this replica computes none
-            w = self.head.weight_vh
-            mine_bsh = w.new_empty((0, tokens_bs.shape[1], w.shape[1]))
-        hidden_bsh = tx.gather_hidden(mine_bsh, batch, lay, self.groups.gather)
-        return self.head(hidden_bsh.transpose(0, 1))
+        return self.logits_from_hidden(self.final_hidden_states(tokens_bs, position_ids_bs))
 
     def release(self) -> int:
         """Free the model, its head, buffers and FP8 state, destroy the teacher's groups.

@@ -21,8 +21,10 @@ from salt_megatron.data.teacher_targets import TargetsDataset, TargetStore
 from salt_megatron.distill.offline_step import OfflineKDForwardStep
 from salt_megatron.distill.schedule import in_kd_phase, weight_for
 from salt_megatron.distill.step import KDForwardStep
+from salt_megatron.distill.teacher_pass import TeacherPass
 from salt_megatron.loss import check_shard_widths
 from salt_megatron.parallel.state import StudentLayout, preserved_rng
+from salt_megatron.parallel.teacher_pipeline import StagePeers
 from salt_megatron.runtime import device
 from salt_megatron.training.logger import MetricsWriter, log
 
@@ -66,6 +68,7 @@ class KDPhase:
         self.fingerprint = tokenizer_fingerprint
         self.kd_train = kd_train
         self.step_fn: KDForwardStep | OfflineKDForwardStep | None = None
+        self.teacher_pass: TeacherPass | None = None
         self.released_bytes: int | None = None
         self.writer = writer
         self.kd_samples = kd_samples
@@ -106,7 +109,8 @@ class KDPhase:
         return self._targets_data
 
     def sync(self, step: int) -> bool:
-        """Build or release the teacher for ``step``; True when the data stream must switch."""
+        """Build or release the teacher for ``step``; True when the data iterators must be
+        rebuilt (the data stream switches, or the stages without data stop reading tokens)."""
         if in_kd_phase(self.cfg.distill, step):
             if self.step_fn is None:
                 self._build()
@@ -114,7 +118,20 @@ class KDPhase:
         if self.step_fn is None:
             return False
         self._release(step)
-        return self.kd_train is not None or self.targets is not None
+        return self.kd_train is not None or self.targets is not None or self.layout.pp > 1
+
+    def tokens_on_every_stage(self, step: int) -> bool:
+        """Whether step ``step`` needs the step's tokens on every pipeline stage (the teacher
+        pass of a KD step at PP > 1), not only on the first and last."""
+        teacher_pass = self.layout.pp > 1 and self.targets is None
+        return teacher_pass and in_kd_phase(self.cfg.distill, step)
+
+    def step_iterators(self, iterators: list[Any], n_micro: int) -> list[Any]:
+        """The data iterators for this step's schedule: at PP > 1 in the KD phase, after the
+        teacher pass (:class:`TeacherPass`) over the step's ``n_micro`` micro-batches."""
+        if self.teacher_pass is None:
+            return iterators
+        return self.teacher_pass.run(iterators, n_micro)
 
     def forward_step(self, step: int) -> KDForwardStep | OfflineKDForwardStep | None:
         """The KD forward step with this step's weight, or None outside the KD phase."""
@@ -145,6 +162,9 @@ class KDPhase:
         with preserved_rng():
             teacher = self._build_teacher(Teacher, lay)
         self.step_fn = KDForwardStep(teacher, self.cfg.distill, lay.tp_group)
+        if lay.pp > 1:
+            peers = StagePeers.of(lay.pp_group, lay.pp_rank)
+            self.teacher_pass = TeacherPass(teacher, peers, self.step_fn.teacher_timer)
         log.info(
             f"KD phase: teacher from {self.cfg.distill.kd_teacher_load} for "
             f"{self.cfg.distill.kd_steps} steps, schedule {self.cfg.distill.kd_schedule}"
@@ -167,7 +187,7 @@ class KDPhase:
         assert self.step_fn is not None
         before = memory_in_use()
         teacher = self.step_fn.teacher
-        self.step_fn = None
+        self.step_fn = self.teacher_pass = None
         freed = teacher.release() if teacher is not None else 0
         del teacher
         after = memory_in_use()
@@ -214,4 +234,4 @@ class KDPhase:
         """Release a teacher still held (a run that stops inside the KD phase)."""
         if self.step_fn is not None and self.step_fn.teacher is not None:
             self.step_fn.teacher.release()
-        self.step_fn = None
+        self.step_fn = self.teacher_pass = None

@@ -147,10 +147,15 @@ class Trainer:
     def reset_data_position(self) -> None:
         """(Re)build the training iterators for the current step (after a load, at the switch)."""
         dataset, consumed = self.kd.data_position(self.step, self.consumed_samples, self.train_ds)
-        self.train_iters = self._iterators(dataset, consumed)
+        every_stage = self.kd.tokens_on_every_stage(self.step)
+        self.train_iters = self._iterators(dataset, consumed, every_stage)
 
-    def _iterators(self, dataset: Any, consumed: int) -> list[MicroBatchIterator | None]:
+    def _iterators(
+        self, dataset: Any, consumed: int, every_stage: bool = False
+    ) -> list[MicroBatchIterator | None]:
         uses = [bool(c.module.pre_process or c.module.post_process) for c in self.model]
+        if every_stage and not any(uses):
+            uses[0] = True  # a middle stage reads the tokens for the KD step's teacher pass
         return stage_iterators(
             dataset,
             self.cfg.training.micro_batch_size,
@@ -201,7 +206,8 @@ class Trainer:
         if self.kd.sync(self.step):
             self.reset_data_position()  # the KD phase just ended: switch to the main data
         forward_step = self.kd.forward_step(self.step) or lm_forward_step
-        totals = self._forward_backward(self.train_iters, n_micro, False, forward_step)
+        iterators = self.kd.step_iterators(self.train_iters, n_micro)
+        totals = self._forward_backward(iterators, n_micro, False, forward_step)
         sums = totals.tolist()  # the step's one read of the loss on the host
         means = [x / max(sums[-1], 1.0) for x in sums]
         loss = means[0]

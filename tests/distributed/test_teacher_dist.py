@@ -4,7 +4,9 @@ One world-2 launch saves a teacher checkpoint at TP=2 (padded vocab 208) and rec
 model's full-vocabulary logits as the reference; then it and one world-4 launch build teachers at
 many (student TP, teacher TP, PP) layouts from that checkpoint and compare, check the KD loss
 against the dense float64 reference, check that no rank ever holds more teacher logits than its
-own vocabulary slice (peak bytes of vocabulary-wide tensors), and check release().
+own vocabulary slice (peak bytes of vocabulary-wide tensors), and check release(). At PP = 2
+every stage holds a body and only the last stage a head: the first stage's hidden states, sent
+to the last stage, give the reference logits there.
 """
 
 from __future__ import annotations
@@ -113,7 +115,6 @@ class VocabWideBytes(TorchDispatchMode):
 
 def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) -> dict[str, Any]:
     """Build a teacher at (student TP, PP, teacher TP); compare logits, KD loss; release it."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
     from salt_megatron.config import megatron as mcfg
@@ -136,9 +137,13 @@ def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) ->
     group, rank = mpu.get_tensor_model_parallel_group(), mpu.get_tensor_model_parallel_rank()
     last = mpu.is_pipeline_last_stage()
     teacher = Teacher.build(cfg, group, rank, tp, last, padded, FINGERPRINT, device=device())
-    out: dict[str, Any] = {"layout": (tp, pp, t), "holds": teacher is not None}
-    if teacher is None:
-        assert not last
+    out: dict[str, Any] = {"layout": (tp, pp, t), "head": teacher.head is not None}
+    assert out["head"] == last
+    received_bsh = _pipeline_hidden(teacher, *_tokens()) if pp > 1 else None
+    if not last:
+        with pytest.raises(RuntimeError, match="not built off the last pipeline stage"):
+            teacher.logits_from_hidden(torch.zeros(BATCH, SEQ, 32))
+        _check_release(teacher, out)
         mpu.destroy_model_parallel()
         return out
     width = padded // tp
@@ -154,6 +159,9 @@ def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) ->
         assert got_sbv.shape == (SEQ, b, width) and not got_sbv.requires_grad
         errors.append((got_sbv - want_sbv[:, :b, lo:hi]).abs().max().item())
         peaks.append((bytes_.peak, SEQ * b * width * got_sbv.element_size()))
+    if received_bsh is not None:  # the first stage's hidden states, through the last's head
+        got_sbv = teacher.logits_from_hidden(received_bsh)
+        errors.append((got_sbv - want_sbv[..., lo:hi]).abs().max().item())
     out["logits_err"] = max(errors)
     assert out["logits_err"] < 1e-5, out
     out["peak_logits_bytes"] = peaks
@@ -171,10 +179,38 @@ def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) ->
     out["kd_err"] = (loss_sb.double() - dense["loss"]).abs().max().item()
     assert out["kd_err"] < 1e-4, out
 
-    model = teacher.model
-    assert model is not None
-    refs = [weakref.ref(x) for x in [*model.parameters(), *model.buffers()]]
-    del model
+    _check_release(teacher, out)
+    mpu.destroy_model_parallel()
+    return out
+
+
+def _pipeline_hidden(teacher: Any, tokens_bs: torch.Tensor, pos_bs: torch.Tensor) -> Any:
+    """Every stage computes the hidden states; the first sends its to the last, which returns
+    what it received (None elsewhere)."""
+    from megatron.core import parallel_state as mpu
+
+    from salt_megatron.parallel.teacher_pipeline import StagePeers, stage_blocks, wait_all
+
+    hidden_bsh = teacher.final_hidden_states(tokens_bs, pos_bs)
+    assert hidden_bsh.shape == (BATCH, SEQ, 32)
+    stage = mpu.get_pipeline_model_parallel_rank()
+    peers = StagePeers.of(mpu.get_pipeline_model_parallel_group(), stage)
+    if peers.stage == 0:
+        wait_all([peers.send_to_last(hidden_bsh)])
+    if not peers.is_last:
+        return None
+    received_mbsh = teacher.empty_hidden(BATCH, SEQ).unsqueeze(0)
+    wait_all(peers.receive_others(received_mbsh, [range(1), range(0)]))
+    assert stage_blocks(1, 2) == [range(1), range(1, 1)]
+    return received_mbsh[0]
+
+
+def _check_release(teacher: Any, out: dict[str, Any]) -> None:
+    """release() frees every parameter and buffer and destroys the teacher's groups."""
+    import torch.distributed as dist
+
+    refs = [weakref.ref(x) for m in (teacher.model, teacher.head) if m is not None
+            for x in (*m.parameters(), *m.buffers())]  # fmt: skip
     groups = list(teacher.groups.owned)
     pg_map = dist.distributed_c10d._world.pg_map
     assert all(pg in pg_map for pg in groups)
@@ -182,8 +218,6 @@ def _check_layout(root: str, ref_sbv: torch.Tensor, tp: int, pp: int, t: int) ->
     gc.collect()
     assert out["freed"] > 0 and refs and all(r() is None for r in refs), out
     assert teacher.model is None and not any(pg in pg_map for pg in groups)
-    mpu.destroy_model_parallel()
-    return out
 
 
 def _run(root: str, ref_sbv: torch.Tensor | None, layouts: list[tuple[int, int, int]]) -> Any:
@@ -209,8 +243,10 @@ def test_teacher_layouts(tmp_path: Any) -> None:
     for per_rank in (results2, results4):
         for _, checks in per_rank:
             for check in checks:
-                if check["holds"]:
+                assert check["freed"] > 0, check
+                if check["head"]:
                     assert check["logits_err"] < 1e-5 and check["kd_err"] < 1e-4, check
-    # With PP=2 only the last stage (ranks 1 of world 2; ranks 2, 3 of world 4) holds a teacher.
-    assert [r[1][3]["holds"] for r in results2] == [False, True]
-    assert [r[1][4]["holds"] for r in results4] == [False, False, True, True]
+    # With PP=2 every stage holds a teacher body; only the last stage (rank 1 of world 2; ranks
+    # 2, 3 of world 4) the head, which applies the first stage's hidden states exactly.
+    assert [r[1][3]["head"] for r in results2] == [False, True]
+    assert [r[1][4]["head"] for r in results4] == [False, False, True, True]

@@ -39,7 +39,10 @@ Stubs, all confined to the test process that installs them (never in the package
   ``multi_tensor_l2norm`` performs: the fallback reads every parameter's norm on the host.
 * Process groups are gloo (this torch has no NCCL): collectives on meta tensors check shapes
   only. c10d's *coalesced* all-reduce has no meta kernel, so megatron's bucketed gradient
-  reduction (``param_and_grad_buffer._coalescing_manager``) issues its collectives one by one.
+  reduction (``param_and_grad_buffer._coalescing_manager``) issues its collectives one by one,
+  and ``torch.distributed.batch_isend_irecv`` (megatron's pipeline p2p on GPUs; it asks the
+  group for a backend of the tensors' device, and there is none for ``meta``) issues its
+  operations one by one.
 """
 
 from __future__ import annotations
@@ -332,6 +335,11 @@ def _one_by_one(*_args: Any, **_kwargs: Any) -> Iterator[_Issued]:
     yield _Issued()
 
 
+def _p2p_one_by_one(ops: list[Any]) -> list[Any]:
+    """``batch_isend_irecv`` as the individual ``isend``/``irecv`` calls, in order."""
+    return [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
+
+
 def _device_l2_norm(
     chunk_size: int,
     noop_flag: Any,
@@ -356,6 +364,7 @@ def install_meta_cuda() -> None:
     # c10d's coalesced all-reduce has no meta kernel (each single collective has one): megatron's
     # bucketed gradient reduction issues its collectives one by one here.
     param_and_grad_buffer._coalescing_manager = _one_by_one  # type: ignore[assignment]
+    torch.distributed.batch_isend_irecv = _p2p_one_by_one  # type: ignore[assignment]
     MetaCudaMode().__enter__()
 
 

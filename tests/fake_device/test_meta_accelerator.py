@@ -11,6 +11,9 @@ One launch of two ranks, "meta posing as CUDA" (:mod:`tests.fake_device.harness`
   teacher's release, 1 plain step, validation; then ``evaluation.loss_sums``;
 * the trainer on stored teacher targets (``--kd-targets``, no teacher built): the same student,
   2 KD steps with the sparse loss, 1 plain step.
+* the trainer at PP 2 (1F1B, bf16, 4 micro-batches): 2 KD steps with the teacher balanced over
+  the stages (each computes the hidden states of 2 micro-batches before the schedule and the
+  first sends its to the last), the release, 1 plain step.
 
 Any tensor left on the host fails the run ("Tensor on device cpu is not on the expected device
 meta!"). Every host read of a device tensor is recorded with its call site; the KD loss, the
@@ -43,6 +46,8 @@ HOT_PATH = (
     "salt_megatron/parallel/teacher_exchange.py",
     "salt_megatron/distill/step.py",
     "salt_megatron/distill/offline_step.py",
+    "salt_megatron/distill/teacher_pass.py",
+    "salt_megatron/parallel/teacher_pipeline.py",
     "salt_megatron/models/stage.py",
 )
 """Code that runs once per micro-batch on the device: it must never wait for the device."""
@@ -125,6 +130,8 @@ def _check_scoring(root: str, tmp: str) -> dict[str, Any]:
 
 
 def _check_training(root: str) -> dict[str, Any]:
+    from megatron.core import parallel_state as mpu
+
     from salt_megatron.evaluation import loss_sums
     from salt_megatron.training.data import build_run_data
     from salt_megatron.training.trainer import Trainer
@@ -151,6 +158,7 @@ def _check_training(root: str) -> dict[str, Any]:
         trainer.evaluate(data.valid, 2)
         loss_sums([c.module for c in trainer.model], cfg, data.valid, 4)
     trainer.close()
+    mpu.destroy_model_parallel()
     return {
         "setup_syncs": [(e.kind, e.where) for e in setup_syncs],
         "steps": steps,
@@ -214,7 +222,46 @@ def _check_offline_training(root: str, tmp: str) -> dict[str, Any]:
             result = trainer.train_step()
         steps.append({"kd": result.kd_phase, "syncs": [(e.kind, e.where) for e in syncs]})
     trainer.close()
+    mpu.destroy_model_parallel()
     return {"setup_syncs": [(e.kind, e.where) for e in setup_syncs], "steps": steps}
+
+
+def _check_pipeline(root: str) -> dict[str, Any]:
+    """PP 2: 2 KD steps with the teacher pass on both stages, the release, a plain step."""
+    from megatron.core import parallel_state as mpu
+
+    from salt_megatron.training.trainer import Trainer
+
+    cfg = _cfg(
+        root, "--pipeline-model-parallel-size", "2", "--bf16", "--micro-batch-size", "1",
+        "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1",
+    )  # fmt: skip
+    trainer = Trainer(cfg, (RandomTokens(), None), VOCAB, tokenizer_fingerprint=FINGERPRINT)
+    trainer.kd.sync(trainer.step)
+    assert trainer.kd.teacher_pass is not None and trainer.kd.step_fn is not None
+    harness.assert_on_device(trainer.kd.step_fn.teacher.model, "meta")
+    steps = []
+    for _ in range(3):
+        with harness.SYNCS.counting() as syncs:
+            result = trainer.train_step()
+        steps.append({"kd": result.kd_phase, "syncs": [(e.kind, e.where) for e in syncs]})
+    released = trainer.kd.released_bytes
+    trainer.close()
+    mpu.destroy_model_parallel()
+    return {"steps": steps, "teacher_released": released is not None}
+
+
+class RandomTokens:
+    """16-token samples of random ids (host tensors, as a dataset yields them)."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        row = torch.randint(0, VOCAB, (17,), generator=g)
+        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.ones(16),
+                "position_ids": torch.arange(16)}  # fmt: skip
 
 
 def _meta_world(root: str, tmp: str) -> dict[str, Any]:
@@ -224,6 +271,7 @@ def _meta_world(root: str, tmp: str) -> dict[str, Any]:
         "scoring": _check_scoring(root, tmp),
         "training": _check_training(root),
         "offline": _check_offline_training(root, tmp),
+        "pipeline": _check_pipeline(root),
     }
 
 
@@ -275,6 +323,22 @@ def test_kd_step_on_stored_targets_is_host_sync_free(meta_run: dict[str, Any]) -
         assert not _hot(step["syncs"]), step["syncs"]
         ours = [s for s in step["syncs"] if "/salt_megatron/" in s[1]]
         assert len(step["syncs"]) == 3 and len(ours) == 1, step["syncs"]
+
+
+def test_pipelined_kd_step_is_host_sync_free(meta_run: dict[str, Any]) -> None:
+    """PP 2: the teacher pass, its point-to-point sends and the head make no host read."""
+    steps = meta_run["pipeline"]["steps"]
+    assert [s["kd"] for s in steps] == [True, True, False]
+    assert meta_run["pipeline"]["teacher_released"]
+    for step in steps:
+        assert not _hot(step["syncs"]), step["syncs"]
+        ours = [s for s in step["syncs"] if "/salt_megatron/" in s[1]]
+        assert len(ours) == 1, step["syncs"]  # the trainer's loss sums, once per step
+        # megatron's pipeline p2p never waits for the device (batch_p2p_sync off): what is left
+        # is its token count and gradient norm, per step, as without a pipeline.
+        assert not [s for s in step["syncs"] if s[0] == "torch.cuda.synchronize"], step["syncs"]
+        assert len(step["syncs"]) <= 3, step["syncs"]
+    assert sorted(steps[0]["syncs"]) == sorted(steps[2]["syncs"])
 
 
 def test_evaluation_reads_the_device_only_at_the_end(meta_run: dict[str, Any]) -> None:

@@ -103,13 +103,17 @@ def test_paper_plan_overhead_and_fit() -> None:
     assert result.step_seconds["plain step"] == pytest.approx(plain)
     hours = (36000 * plain * result.overhead_ideal + 172000 * plain) / 3600
     assert result.total_hours == pytest.approx(hours)
-    assert result.memory["teacher weights"] == pytest.approx(result.teacher_params * 2)
+    # The body is built with the student's padded vocabulary and without its output layer.
+    body = planner.total_params(cfg.teacher, 50176) - 50176 * cfg.teacher.hidden_size
+    assert result.memory["teacher body weights"] == pytest.approx(body * 2)
+    assert result.memory["teacher head (vocabulary slice)"] == 50176 // 2 * 2048 * 2
 
 
 def test_fp8_teacher_weights_take_one_byte() -> None:
     cfg = parse_config(["--config", str(PAPER), "--fp8-format", "hybrid"])
     result = planner.plan(cfg, 64, 50000, planner.Hardware())
-    assert result.memory["teacher weights"] == pytest.approx(result.teacher_params)
+    body = planner.total_params(cfg.teacher, 50176) - 50176 * cfg.teacher.hidden_size
+    assert result.memory["teacher body weights"] == pytest.approx(body)
 
 
 def test_warnings_when_it_does_not_fit() -> None:
@@ -123,13 +127,39 @@ def test_warnings_when_it_does_not_fit() -> None:
     assert any("even with full recomputation" in w for w in small.warnings)
 
 
-def test_pipeline_puts_teacher_on_last_stage() -> None:
+def test_kd_step_ratio_by_hand() -> None:
+    """Per-stage FLOPs: layers ``X`` and head ``H`` forward per token, the student 3x that."""
+    model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4)
+    head = 2.0 * 64 * 128
+    layers = model_flops.forward_flops_per_token(model, 16, 128) - head
+    # A student-sized teacher split evenly: every stage does 3 X/p (+ 3 H) and X/p (+ H) more.
+    for pp, n_micro in ((1, 3), (2, 4), (4, 8)):
+        ratio = planner.kd_step_ratio(model, model, 16, 128, pp, n_micro)
+        assert ratio == pytest.approx(4 / 3), pp
+    # 3 micro-batches on 2 stages: blocks of 2 and 1.
+    plain = 1.5 * layers + 3 * head
+    kd = max(1.5 * layers + 2 / 3 * layers, plain + layers / 3 + head)
+    assert planner.kd_step_ratio(model, model, 16, 128, 2, 3) == pytest.approx(kd / plain)
+    # The whole teacher on the last of 4 stages (the placement before the teacher pass).
+    last = planner.kd_step_ratio(model, model, 16, 128, 4, 8, balanced=False)
+    plain = 0.75 * layers + 3 * head
+    assert last == pytest.approx((plain + layers + head) / plain)
+
+
+def test_pipeline_balances_the_teacher() -> None:
     cfg = parse_config(["--config", str(MULTI)])
     result = planner.plan(cfg, 32, 50000, planner.Hardware())
-    ratio = result.overhead_ideal - 1
-    assert result.overhead_pipeline == pytest.approx(1 + 2 * ratio)
-    assert "KD step (teacher on last stage)" in result.step_seconds
-    assert any("teacher on the last of 2 stages" in w for w in result.warnings)
+    want = planner.kd_step_ratio(cfg.model, cfg.teacher, 2048, 50176, 2, result.n_micro)
+    assert result.overhead_pipeline == pytest.approx(want)
+    assert result.overhead_pipeline < result.overhead_ideal * 1.01 and not result.warnings
+    assert "KD step (slowest pipeline stage)" in result.step_seconds
+    first = planner.stage_memory(cfg, 50000, result.dp, result.n_micro, 0)
+    last = planner.stage_memory(cfg, 50000, result.dp, result.n_micro, 1)
+    assert first["teacher body weights"] == last["teacher body weights"] > 0
+    hidden = 2 * 2048 * cfg.teacher.hidden_size * 2  # micro-batch x seq x h, bf16
+    assert last["teacher hidden states of the step"] == result.n_micro * hidden
+    assert first["teacher hidden states of the step"] == result.n_micro // 2 * hidden
+    assert "teacher head (vocabulary slice)" not in first
 
 
 def _plan_tool():

@@ -47,3 +47,28 @@ def test_shape_parse_and_flags() -> None:
     shape = bench.Shape.parse("4x192x4")
     assert (shape.layers, shape.hidden, shape.heads, str(shape)) == (4, 192, 4, "4L h192")
     assert shape.flags("teacher-")[:2] == ["--teacher-num-layers", "4"]
+
+
+def test_layout_parse() -> None:
+    assert bench.Layout.parse("2:2:1") == bench.Layout(2, 2, 1, 1)
+    lay = bench.Layout.parse("4:1:1:4")
+    assert lay.pp == 4 and lay.placements == ("balanced", "last")
+    assert lay.flags()[2:4] == ["--pipeline-model-parallel-size", "4"]
+    assert bench.Layout.parse("1:1:1").placements == ("balanced",)
+    with pytest.raises(ValueError, match="world:TP"):
+        bench.Layout.parse("4:1")
+
+
+def test_pipeline_summary_against_pp1() -> None:
+    def row(text: str, place: str, ratio: float, paired: float) -> dict:
+        return {"layout": bench.Layout.parse(text), "placement": place, "student": "8L",
+                "teacher": "4L", "ratio": ratio, "paired": paired}  # fmt: skip
+
+    rows = [row("1:1:1", "balanced", 1.2, 1.25), row("4:1:1:4", "balanced", 1.32, 1.25),
+            row("4:1:1:4", "last", 1.8, 1.9)]  # fmt: skip
+    lines = bench.pipeline_summary(rows).splitlines()
+    assert lines[0].startswith("- PP 4, teacher balanced over the stages: KD/plain 1.32")
+    assert "x1.10 (median x1.00); target <= x1.15: met" in lines[0]
+    assert "on the last stage" in lines[1] and "x1.50 (median x1.52)" in lines[1]
+    assert "target" not in lines[1]
+    assert "not met" in bench.pipeline_summary([rows[0], row("2:1:1:2", "balanced", 1.5, 1.2)])
