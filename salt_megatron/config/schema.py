@@ -10,146 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from salt_megatron.config.base import ConfigError, check, check_positive, flag
+from salt_megatron.config.model import ModelConfig, TeacherModelConfig
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the offending flag."""
-
-
-def _flag(name: str, prefix: str = "") -> str:
-    return "--" + prefix + name.replace("_", "-")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _positive(obj: object, prefix: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _check(value is None or value > 0, f"{_flag(name, prefix)} must be positive, got {value}")
-
-
-@dataclass
-class ModelConfig:
-    """Shape of a GPT model (the student, or the teacher under ``--teacher-*`` flags)."""
-
-    num_layers: int = 4
-    """Number of transformer layers."""
-    hidden_size: int = 256
-    """Width of the residual stream."""
-    num_attention_heads: int = 4
-    """Attention heads per layer."""
-    num_query_groups: int | None = None
-    """Key/value head groups for grouped-query attention; None means one per head (MHA)."""
-    kv_channels: int | None = None
-    """Width of each attention head (query, key and value); None means hidden / heads."""
-    ffn_hidden_size: int | None = None
-    """MLP width; None means 4 x hidden (or 8/3 x hidden rounded to 64 with --swiglu)."""
-    vocab_size: int | None = None
-    """Vocabulary size before padding; None takes it from the tokenizer."""
-    make_vocab_size_divisible_by: int = 128
-    """Pad the vocabulary to a multiple of this times the tensor-parallel size, as Megatron does."""
-    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
-    """Rotary (rope) or learned absolute position embeddings."""
-    rotary_base: int = 10000
-    """RoPE base frequency."""
-    use_rope_scaling: bool = False
-    """Llama 3.x RoPE frequency scaling (megatron-core's: low/high frequency factors 1 and 4,
-    original context 8192)."""
-    rope_scaling_factor: float = 8.0
-    """Factor of the Llama 3.x RoPE scaling (with --use-rope-scaling)."""
-    rotary_seq_len_interpolation_factor: float | None = None
-    """Linear RoPE position interpolation: positions are divided by this factor (Hugging Face's
-    'linear' rope scaling); None: no interpolation."""
-    max_position_embeddings: int = 4096
-    """Largest sequence length the position embeddings support."""
-    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    """Normalisation layer type."""
-    norm_epsilon: float = 1e-5
-    """Epsilon of the normalisation layers."""
-    swiglu: bool = True
-    """Gated SiLU MLP (SwiGLU) instead of a GELU MLP."""
-    untie_embeddings_and_output_weights: bool = True
-    """Separate input embedding and output projection weights."""
-    add_bias_linear: bool = False
-    """Biases in the linear layers."""
-    add_qkv_bias: bool = False
-    """Biases in the query/key/value projection only (Qwen2); --add-bias-linear implies them."""
-    qk_layernorm: bool = False
-    """Normalise every query and key head (the layers' norm type, width kv-channels) before RoPE
-    (Qwen3)."""
-    hidden_dropout: float = 0.0
-    """Dropout on the residual stream."""
-    attention_dropout: float = 0.0
-    """Dropout on attention probabilities."""
-    init_method_std: float = 0.02
-    """Standard deviation of the normal weight initialisation."""
-    transformer_impl: Literal["local", "transformer_engine"] = "local"
-    """Layer implementation: megatron-core's local modules, or Transformer Engine (needs TE)."""
-
-    FLAG_PREFIX: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        prefix = self.FLAG_PREFIX
-        _positive(self, prefix, "num_layers", "hidden_size", "num_attention_heads")
-        _positive(self, prefix, "num_query_groups", "ffn_hidden_size", "vocab_size")
-        _positive(self, prefix, "make_vocab_size_divisible_by", "max_position_embeddings")
-        _positive(self, prefix, "kv_channels", "rope_scaling_factor")
-        _positive(self, prefix, "rotary_seq_len_interpolation_factor")
-        rope_options = self.use_rope_scaling or self.rotary_seq_len_interpolation_factor
-        _check(
-            not rope_options or self.position_embedding_type == "rope",
-            f"{_flag('use_rope_scaling', prefix)} and "
-            f"{_flag('rotary_seq_len_interpolation_factor', prefix)} need rope position "
-            f"embeddings, not {self.position_embedding_type}",
-        )
-        _check(
-            not (self.use_rope_scaling and self.rotary_seq_len_interpolation_factor),
-            f"{_flag('use_rope_scaling', prefix)} and "
-            f"{_flag('rotary_seq_len_interpolation_factor', prefix)} are two RoPE scalings: "
-            "use one",
-        )
-        _check(
-            self.hidden_size % self.num_attention_heads == 0,
-            f"{_flag('hidden_size', prefix)} {self.hidden_size} is not divisible by "
-            f"{_flag('num_attention_heads', prefix)} {self.num_attention_heads}",
-        )
-        if self.num_query_groups is not None:
-            _check(
-                self.num_attention_heads % self.num_query_groups == 0,
-                f"{_flag('num_attention_heads', prefix)} {self.num_attention_heads} is not "
-                f"divisible by {_flag('num_query_groups', prefix)} {self.num_query_groups}",
-            )
-        for name in ("hidden_dropout", "attention_dropout"):
-            value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"{_flag(name, prefix)} must be in [0, 1), got {value}")
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head: --kv-channels, else hidden / heads."""
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-    def validate_tp(self, tp: int, tp_flag: str) -> None:
-        """Check divisibility by a tensor-parallel size (named by ``tp_flag`` in messages)."""
-        prefix = self.FLAG_PREFIX
-        _check(
-            self.num_attention_heads % tp == 0,
-            f"{_flag('num_attention_heads', prefix)} {self.num_attention_heads} is not divisible "
-            f"by {tp_flag} {tp}",
-        )
-        groups = self.num_query_groups or self.num_attention_heads
-        _check(
-            groups % tp == 0,
-            f"{_flag('num_query_groups', prefix)} {groups} is not divisible by {tp_flag} {tp}",
-        )
-
-
-@dataclass
-class TeacherModelConfig(ModelConfig):
-    """Shape of the teacher GPT (flags ``--teacher-*``); it must share the student's tokenizer."""
-
-    FLAG_PREFIX: ClassVar[str] = "teacher-"
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "DistillConfig", "LoggingConfig",
+    "ModelConfig", "OptimConfig", "ParallelConfig", "SaltConfig", "TeacherModelConfig",
+    "TrainingConfig",
+]  # fmt: skip
 
 
 @dataclass
@@ -184,29 +52,31 @@ class ParallelConfig:
     """Timeout of collective operations."""
 
     def __post_init__(self) -> None:
-        _positive(self, "", "tensor_model_parallel_size", "pipeline_model_parallel_size")
-        _positive(self, "", "virtual_pipeline_model_parallel_size")
-        _positive(self, "", "teacher_tensor_model_parallel_size", "distributed_timeout_minutes")
-        _positive(self, "", "ddp_bucket_size")
-        _check(
+        check_positive(self, "", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+        check_positive(self, "", "virtual_pipeline_model_parallel_size")
+        check_positive(
+            self, "", "teacher_tensor_model_parallel_size", "distributed_timeout_minutes"
+        )
+        check_positive(self, "", "ddp_bucket_size")
+        check(
             not self.overlap_param_gather
             or (self.use_distributed_optimizer and self.overlap_grad_reduce),
             "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce",
         )
-        _check(
+        check(
             not self.align_param_gather or self.overlap_param_gather,
             "--align-param-gather needs --overlap-param-gather",
         )
         vpp = self.virtual_pipeline_model_parallel_size
-        _check(
+        check(
             vpp is None or self.pipeline_model_parallel_size > 1,
             "--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1",
         )
-        _check(
+        check(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
         )
-        _check(
+        check(
             self.tensor_model_parallel_size % self.teacher_tensor_model_parallel_size == 0,
             f"--teacher-tensor-model-parallel-size {self.teacher_tensor_model_parallel_size} must "
             f"divide --tensor-model-parallel-size {self.tensor_model_parallel_size}",
@@ -251,14 +121,14 @@ class DistillConfig:
     ids (uniform) or dropped, renormalising the stored ones (drop)."""
 
     def __post_init__(self) -> None:
-        _check(self.kd_steps >= 0, f"--kd-steps must be >= 0, got {self.kd_steps}")
-        _check(0.0 <= self.kd_weight <= 1.0, f"--kd-weight must be in [0, 1], got {self.kd_weight}")
-        _check(self.kd_temperature > 0, f"--kd-temperature must be > 0, got {self.kd_temperature}")
-        _check(
+        check(self.kd_steps >= 0, f"--kd-steps must be >= 0, got {self.kd_steps}")
+        check(0.0 <= self.kd_weight <= 1.0, f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        check(self.kd_temperature > 0, f"--kd-temperature must be > 0, got {self.kd_temperature}")
+        check(
             0 <= self.kd_decay_start <= max(self.kd_steps, 0),
             f"--kd-decay-start {self.kd_decay_start} must be in [0, --kd-steps {self.kd_steps}]",
         )
-        _check(
+        check(
             self.kd_schedule != "linear_ratio" or self.kd_weight < 1.0,
             "--kd-weight must be < 1 with --kd-schedule linear_ratio (w/(1-w) is infinite at 1)",
         )
@@ -295,14 +165,14 @@ class DataConfig:
     training thread). On GPUs batches are also collated into pinned memory."""
 
     def __post_init__(self) -> None:
-        _positive(self, "", "seq_length")
-        _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        check_positive(self, "", "seq_length")
+        check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         parts = self.split.replace("/", ",").split(",")
         try:
             weights = [float(p) for p in parts]
         except ValueError:
             raise ConfigError(f"--split {self.split!r} is not a comma-separated list") from None
-        _check(
+        check(
             len(weights) == 3 and min(weights) >= 0 and sum(weights) > 0,
             f"--split {self.split!r} needs three non-negative weights",
         )
@@ -339,17 +209,17 @@ class OptimConfig:
     """Global gradient-norm clipping threshold (0 disables)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "", "lr", "adam_eps", "lr_decay_iters", "lr_wsd_decay_iters")
-        _check(
+        check_positive(self, "", "lr", "adam_eps", "lr_decay_iters", "lr_wsd_decay_iters")
+        check(
             self.lr_decay_style != "WSD" or self.lr_wsd_decay_iters is not None,
             "--lr-decay-style WSD needs --lr-wsd-decay-iters",
         )
-        _check(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}")
-        _check(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
-        _check(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
+        check(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        check(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+        check(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"{_flag(name)} must be in [0, 1), got {value}")
+            check(0.0 <= value < 1.0, f"{flag(name)} must be in [0, 1), got {value}")
 
 
 @dataclass
@@ -402,11 +272,13 @@ class TrainingConfig:
     RECOMPUTE_MODULES: ClassVar[tuple[str, ...]] = ("core_attn", "mlp", "layernorm")
 
     def __post_init__(self) -> None:
-        _positive(self, "", "micro_batch_size", "global_batch_size", "train_iters", "eval_iters")
-        _positive(self, "", "exit_interval", "exit_duration_in_mins", "recompute_num_layers")
-        _check(self.eval_interval >= 0, "--eval-interval must be >= 0")
-        _check(self.skip_nonfinite_steps >= 0, "--skip-nonfinite-steps must be >= 0")
-        _check(
+        check_positive(
+            self, "", "micro_batch_size", "global_batch_size", "train_iters", "eval_iters"
+        )
+        check_positive(self, "", "exit_interval", "exit_duration_in_mins", "recompute_num_layers")
+        check(self.eval_interval >= 0, "--eval-interval must be >= 0")
+        check(self.skip_nonfinite_steps >= 0, "--skip-nonfinite-steps must be >= 0")
+        check(
             self.global_batch_size % self.micro_batch_size == 0,
             f"--global-batch-size {self.global_batch_size} is not divisible by "
             f"--micro-batch-size {self.micro_batch_size}",
@@ -418,14 +290,14 @@ class TrainingConfig:
         if self.rampup_batch_size is None:
             return
         ramp = self.rampup_batch_size
-        _check(len(ramp) == 3, f"--rampup-batch-size takes start increment samples, got {ramp}")
+        check(len(ramp) == 3, f"--rampup-batch-size takes start increment samples, got {ramp}")
         start, increment, samples = ramp
-        _check(
+        check(
             0 < start < self.global_batch_size and increment > 0 and samples >= 0,
             f"--rampup-batch-size {start} {increment} {samples}: needs 0 < start < "
             f"--global-batch-size {self.global_batch_size}, increment > 0, samples >= 0",
         )
-        _check(
+        check(
             (self.global_batch_size - start) % increment == 0,
             f"--rampup-batch-size: --global-batch-size {self.global_batch_size} minus the start "
             f"{start} is not a multiple of the increment {increment}",
@@ -441,22 +313,22 @@ class TrainingConfig:
     def _check_recompute(self) -> None:
         granularity, method = self.recompute_granularity, self.recompute_method
         if granularity == "full":
-            _check(
+            check(
                 method is not None and self.recompute_num_layers is not None,
                 "--recompute-granularity full needs --recompute-method and --recompute-num-layers",
             )
         else:
-            _check(
+            check(
                 method is None and self.recompute_num_layers is None,
                 "--recompute-method and --recompute-num-layers need --recompute-granularity full",
             )
         if self.recompute_modules is not None:
-            _check(
+            check(
                 granularity == "selective",
                 "--recompute-modules needs --recompute-granularity selective",
             )
             unknown = sorted(set(self.recompute_modules) - set(self.RECOMPUTE_MODULES))
-            _check(
+            check(
                 not unknown and len(self.recompute_modules) > 0,
                 f"--recompute-modules: {unknown or 'empty'}; choose from "
                 f"{list(self.RECOMPUTE_MODULES)}",
@@ -489,8 +361,8 @@ class CheckpointConfig:
     DP only while the gradient buckets stay alike)."""
 
     def __post_init__(self) -> None:
-        _check(self.save_interval >= 0, "--save-interval must be >= 0")
-        _positive(self, "", "keep_last")
+        check(self.save_interval >= 0, "--save-interval must be >= 0")
+        check_positive(self, "", "keep_last")
 
 
 @dataclass
@@ -526,17 +398,17 @@ class LoggingConfig:
     ./profile."""
 
     def __post_init__(self) -> None:
-        _positive(self, "", "log_interval")
-        _check(
+        check_positive(self, "", "log_interval")
+        check(
             not self.wandb_project or bool(self.wandb_exp_name),
             "--wandb-project needs --wandb-exp-name (the run's name)",
         )
-        _check(
+        check(
             0 <= self.profile_step_start < self.profile_step_end,
             f"--profile-step-start {self.profile_step_start} must be >= 0 and below "
             f"--profile-step-end {self.profile_step_end}",
         )
-        _check(len(self.profile_ranks) > 0, "--profile-ranks needs at least one rank")
+        check(len(self.profile_ranks) > 0, "--profile-ranks needs at least one rank")
 
 
 @dataclass
@@ -560,30 +432,30 @@ class SaltConfig:
             par.teacher_tensor_model_parallel_size, "--teacher-tensor-model-parallel-size"
         )
         stages = par.pipeline_model_parallel_size * (par.virtual_pipeline_model_parallel_size or 1)
-        _check(
+        check(
             self.model.num_layers % stages == 0,
             f"--num-layers {self.model.num_layers} is not divisible by the "
             f"{stages} pipeline stages (--pipeline-model-parallel-size x virtual size)",
         )
-        _check(
+        check(
             self.data.seq_length <= self.model.max_position_embeddings,
             f"--seq-length {self.data.seq_length} exceeds --max-position-embeddings "
             f"{self.model.max_position_embeddings}",
         )
-        _check(
+        check(
             self.training.fp8_format is None or self.model.transformer_impl == "transformer_engine",
             f"--fp8-format {self.training.fp8_format} needs --transformer-impl "
             "transformer_engine (FP8 runs in Transformer Engine's layers)",
         )
-        _check(
+        check(
             self.data.mock_data or bool(self.data.data_path),
             "--data-path is required unless --mock-data is set",
         )
-        _check(
+        check(
             not par.grad_reduce_in_bf16 or self.training.bf16,
             "--grad-reduce-in-bf16 needs --bf16 (float32 training reduces float32 gradients)",
         )
-        _check(
+        check(
             "layernorm" not in (self.training.recompute_modules or [])
             or self.model.transformer_impl == "transformer_engine",
             "--recompute-modules layernorm needs --transformer-impl transformer_engine "
@@ -591,13 +463,13 @@ class SaltConfig:
         )
         decay_iters = self.optim.lr_decay_iters or self.training.train_iters
         wsd = self.optim.lr_wsd_decay_iters
-        _check(
+        check(
             wsd is None or wsd <= decay_iters,
             f"--lr-wsd-decay-iters {wsd} exceeds the {decay_iters} steps of the decay "
             "(--lr-decay-iters, else --train-iters)",
         )
         per_chunk, n = self.model.num_layers // stages, self.training.recompute_num_layers
-        _check(
+        check(
             n is None or (n <= per_chunk and (self.training.recompute_method == "block"
                                               or per_chunk % n == 0)),
             f"--recompute-num-layers {n} must be at most the {per_chunk} layers of a pipeline "
@@ -607,7 +479,7 @@ class SaltConfig:
     def validate_world(self, world_size: int) -> None:
         """Checks that need the world size (before any process group starts)."""
         mp = self.parallel.model_parallel_size
-        _check(
+        check(
             world_size % mp == 0,
             f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
             f"--pipeline-model-parallel-size = {mp}",
@@ -618,13 +490,13 @@ class SaltConfig:
         pp = self.parallel.pipeline_model_parallel_size
         ramp = "--global-batch-size" if tr.rampup_batch_size is None else "ramp-up batch size"
         for gbs in tr.ramp_batch_sizes():
-            _check(
+            check(
                 gbs % (tr.micro_batch_size * dp) == 0,
                 f"{ramp} {gbs} is not divisible by --micro-batch-size "
                 f"{tr.micro_batch_size} x data-parallel size {dp}",
             )
             n_micro = gbs // (tr.micro_batch_size * dp)
-            _check(
+            check(
                 vpp is None or n_micro % pp == 0,
                 f"{ramp} {gbs}: the interleaved schedule needs the {n_micro} micro-batches per "
                 f"step to be a multiple of --pipeline-model-parallel-size {pp}",
