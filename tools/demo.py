@@ -19,108 +19,20 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import shlex
-import shutil
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from salt_megatron.runtime.quiet import silence_known_warnings  # noqa: E402
-
-silence_known_warnings()  # before megatron-core is imported
-from salt_megatron.data.demo import prepare_demo_data  # noqa: E402
+from tools.runs import Curve, TargetsPass, demo_data_flags, plot, store_targets, train  # noqa: E402
 
 QUICK = {
     "teacher": ["--train-iters", "40", "--eval-interval", "20"],
     "student": ["--train-iters", "40", "--kd-steps", "16", "--eval-interval", "8",
                 "--num-layers", "2", "--hidden-size", "128", "--log-interval", "4"],
 }  # fmt: skip
-TARGETS = ["--top-k", "64", "--top-p", "0.95"]
-
-
-@dataclass
-class Curve:
-    """Validation loss against step and training seconds, from a run's metrics file."""
-
-    steps: list[int]
-    losses: list[float]
-    seconds: list[float]
-    wall_s: float
-
-    @classmethod
-    def read(cls, metrics: Path, wall_s: float) -> Curve:
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-        elapsed = {r["step"]: r["elapsed_s"] for r in records if r["group"] == "train"}
-        valid = [r for r in records if r["group"] == "valid"]
-        steps = [r["step"] for r in valid]
-        return cls(steps, [r["loss"] for r in valid], [elapsed.get(s, 0.0) for s in steps], wall_s)
-
-    def first_step_reaching(self, target: float) -> tuple[int, float] | None:
-        """First (step, seconds) with validation loss <= target."""
-        for step, loss, sec in zip(self.steps, self.losses, self.seconds):
-            if loss <= target:
-                return step, sec
-        return None
-
-
-def torchrun(args: list[str], nproc: int, log: Path, script: str = "pretrain_salt.py") -> float:
-    """Run ``script`` under torchrun, tee its output to ``log``; return wall seconds."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-           str(ROOT / script), *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                text=True)  # fmt: skip
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            if line.startswith(("[", "teacher targets: ")) or "error" in line.lower():
-                print("   ", line.rstrip(), flush=True)
-    if proc.wait() != 0:
-        raise SystemExit(f"demo: {' '.join(args[:2])} failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - start
-
-
-def train(name: str, config: str, extra: list[str], out: Path, data: list[str]) -> Curve:
-    run_dir = out / name
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    args = ["--config", str(ROOT / "examples/configs" / config), *data,
-            "--tensorboard-dir", str(run_dir / "tb"),
-            "--metrics-file", str(run_dir / "metrics.jsonl"), *extra]  # fmt: skip
-    print(f"== {name}", flush=True)
-    wall = torchrun(args, 2, run_dir / "log.txt")
-    return Curve.read(run_dir / "metrics.jsonl", wall)
-
-
-@dataclass
-class TargetsPass:
-    """The one-off teacher pass of tools/save_teacher_targets.py."""
-
-    seconds: float  # the pass itself (teacher forwards, top-k, writes), as the tool reports it
-    wall_s: float  # the whole command, start-up and dataset index included
-    ids_per_token: float
-    bytes_per_token: float
-
-    @classmethod
-    def read(cls, log: Path, wall_s: float) -> TargetsPass:
-        text = log.read_text()
-        found = re.search(r"([\d.]+) ids per token .*?([\d.]+) bytes per token; this pass "
-                          r"([\d.]+) s", text)  # fmt: skip
-        if found is None:
-            raise SystemExit(f"demo: no summary line in {log}")
-        ids, size, seconds = (float(x) for x in found.groups())
-        return cls(seconds, wall_s, ids, size)
 
 
 def report(
@@ -166,44 +78,6 @@ def report(
     return table
 
 
-def plot(curves: dict[str, Curve], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for label, curve in curves.items():
-        axes[0].plot(curve.steps, curve.losses, marker="o", ms=3, label=label)
-        axes[1].plot(curve.seconds, curve.losses, marker="o", ms=3, label=label)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("training wall-clock (s)")
-    for ax in axes:
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def store_targets(
-    teacher_dir: Path, salt_args: list[str], out: Path, data: list[str]
-) -> TargetsPass:
-    """The one-off pass: the teacher's targets of the KD phase's samples, stored under ``out``."""
-    targets = out / "targets"
-    shutil.rmtree(targets, ignore_errors=True)
-    config = str(ROOT / "examples/configs/demo_student.yaml")
-    args = ["--out", str(targets), *TARGETS, "--config", config, *data, *salt_args,
-            "--kd-teacher-load", str(teacher_dir)]  # fmt: skip
-    print("== teacher targets (tools/save_teacher_targets.py)", flush=True)
-    log = out / "targets.log"
-    wall = torchrun(args, 2, log, script="tools/save_teacher_targets.py")
-    return TargetsPass.read(log, wall)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run (integration test)")
@@ -214,10 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
-    print("== data: stdlib docstring corpus, tokenizer, indexed dataset", flush=True)
-    paths = prepare_demo_data(args.cache)
-    data = ["--data-path", paths.data_prefix, "--tokenizer-model", paths.tokenizer_model,
-            "--data-cache-path", str(args.cache / "index")]  # fmt: skip
+    data = demo_data_flags(args.cache)
     quick_t = QUICK["teacher"] if args.quick else []
     quick_s = QUICK["student"] if args.quick else []
     teacher_dir = out / "teacher" / "ckpt"
@@ -228,7 +99,7 @@ def main() -> None:
     salt_args = [*quick_s, *shlex.split(args.salt_args)]
     salt = train("salt", "demo_student.yaml", [*salt_args, "--kd-teacher-load", str(teacher_dir)],
                  out, data)  # fmt: skip
-    tpass = store_targets(teacher_dir, salt_args, out, data)
+    tpass = store_targets(teacher_dir, salt_args, out / "targets", data)
     offline = train("salt_offline", "demo_student.yaml",
                     [*salt_args, "--kd-targets", str(out / "targets")], out, data)  # fmt: skip
     one_off = teacher.seconds[-1]
