@@ -68,11 +68,11 @@ class Setting:
             f"-T{self.temperature:g}{'sq' if self.t2 else ''}-{'off' if self.offline else 'on'}"
         )
 
-    def label(self) -> str:
-        """What differs from the centre (``centre`` for the centre itself)."""
+    def label(self, centre: Setting) -> str:
+        """What differs from ``centre`` (``centre`` for the centre itself)."""
         parts = []
         for f in dataclasses.fields(self):
-            value, ref = getattr(self, f.name), getattr(CENTRE, f.name)
+            value, ref = getattr(self, f.name), getattr(centre, f.name)
             if value == ref:
                 continue
             if isinstance(value, Teacher):
@@ -101,10 +101,11 @@ LABELS: dict[str, Callable[[object], str]] = {
     "t2": lambda v: "T^2 scaling" if v else "no T^2 scaling",
     "offline": lambda v: "stored targets" if v else "online teacher",
 }
-CENTRE = Setting()
-# One axis at a time around the centre: each entry lists the centre's variations on that axis.
+CENTRE = Setting()  # the demo's KD settings, its teacher trained as long as the student
+# One axis at a time around a centre: each entry lists the changes to the centre on that axis
+# (a change that leaves the centre as it is is skipped).
 AXES: dict[str, list[dict[str, object]]] = {  # in the order they run
-    "teacher_strength": [{"teacher": Teacher(steps_x=2.0)}, {"teacher": Teacher(steps_x=4.0)}],
+    "teacher_strength": [{"teacher": Teacher(steps_x=x)} for x in (1.0, 2.0, 4.0)],
     "n_kd": [{"kd_frac": 0.15}, {"kd_frac": 0.6}],
     "w0": [{"w0": 0.5}],
     "schedule": [{"schedule": "step"}, {"schedule": "linear_ratio"}],
@@ -114,13 +115,15 @@ AXES: dict[str, list[dict[str, object]]] = {  # in the order they run
 }
 
 
-def settings(axes: list[str]) -> list[tuple[str, Setting]]:
+def settings(axes: list[str], centre: Setting = CENTRE) -> list[tuple[str, Setting]]:
     """(axis, setting): the centre first, then each chosen axis' variations in order."""
-    return [("centre", CENTRE)] + [
-        (axis, dataclasses.replace(CENTRE, **change))  # type: ignore[arg-type]
-        for axis in axes
-        for change in AXES[axis]
-    ]
+    grid = [("centre", centre)]
+    for axis in axes:
+        for change in AXES[axis]:
+            varied = dataclasses.replace(centre, **change)  # type: ignore[arg-type]
+            if varied != centre:
+                grid.append((axis, varied))
+    return grid
 
 
 @dataclass(frozen=True)
@@ -246,10 +249,11 @@ def run_study(
         done = {k: f.result() for k, f in futures.items()}
     bases = {seed: done[None, seed] for seed in seeds}
     curves = {(s, seed): c for (s, seed), c in done.items() if s is not None}
+    centre = grid[0][1]
     rows = [
         table.Row(
             axis,
-            s.label(),
+            s.label(centre),
             " ".join(s.flags(study.scale.steps)),
             [table.pair(seed, bases[seed], curves[s, seed]) for seed in seeds],
         )
@@ -263,6 +267,8 @@ def write_outputs(
 ) -> str:
     """study.md, study.json, study.png and curves.png (the first seed's baseline, centre and
     best setting) under ``out``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    centre = grid[0][1]
     text = table.baseline_markdown(res.bases, res.teachers) + "\n\n"
     text += table.markdown(res.rows, seeds)
     order = sorted(range(len(grid)), key=lambda i: res.rows[i].summary.rank_key)
@@ -277,9 +283,9 @@ def write_outputs(
     table.plot_summary(res.rows, seeds, out / "study.png")
     best = grid[order[0]][1]
     seed = seeds[0]
-    curves = {"baseline": res.bases[seed], "SALT centre": res.curves[CENTRE, seed]}
-    if best != CENTRE:
-        curves[f"SALT best: {best.label()}"] = res.curves[best, seed]
+    curves = {"baseline": res.bases[seed], "SALT centre": res.curves[centre, seed]}
+    if best != centre:
+        curves[f"SALT best: {best.label(centre)}"] = res.curves[best, seed]
     plot(curves, out / "curves.png", title=f"seed {seed}")
     return text
 
@@ -288,6 +294,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--axes", nargs="*", default=None, choices=list(AXES),
                         help="axes varied around the centre (all; none with --quick)")  # fmt: skip
+    parser.add_argument("--teacher-steps-x", type=float, default=CENTRE.teacher.steps_x,
+                        help="the centre teacher's steps / the student's")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=Scale.steps, help="student steps")
     parser.add_argument("--eval-interval", type=int, default=Scale.eval_interval)
@@ -297,17 +305,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
     parser.add_argument("--cache", type=Path, default=ROOT / "cache" / "demo")
     args = parser.parse_args()
+    centre = dataclasses.replace(CENTRE, teacher=Teacher(steps_x=args.teacher_steps_x))
     if args.quick:
-        scale, grid, seeds = QUICK, settings(args.axes or []), args.seeds[:1]
+        scale, grid, seeds = QUICK, settings(args.axes or [], centre), args.seeds[:1]
     else:
         scale = Scale(steps=args.steps, eval_interval=args.eval_interval, threads=args.threads)
-        grid, seeds = settings(list(AXES) if args.axes is None else args.axes), args.seeds
+        grid = settings(list(AXES) if args.axes is None else args.axes, centre)
+        seeds = args.seeds
     out = args.out / ("quick" if args.quick else f"s{scale.steps}")
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, demo_data_flags(args.cache), scale)
     res = run_study(study, grid, seeds, max(1, args.jobs))
-    print("\n" + write_outputs(out, res, grid, seeds))
-    print(f"\ntables: {out / 'study.md'} | plots: {out / 'study.png'}, {out / 'curves.png'}")
+    tables = out / f"around-{centre.key}"
+    print("\n" + write_outputs(tables, res, grid, seeds))
+    print(f"\ntables and plots: {tables}/study.md, study.json, study.png, curves.png")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def _study(out: Path) -> str:
 def test_study_quick_then_resumed(tmp_path: Path) -> None:
     first = _study(tmp_path)
     assert "reused" not in first
-    run = tmp_path / "quick"
+    run = tmp_path / "quick" / "around-t2x128-1x-kd0.3-w0.8-linear-T1-on"  # the tables
     result = json.loads((run / "study.json").read_text())
     (centre,) = result["settings"]
     assert centre["label"] == "centre" and centre["flags"].startswith("--kd-steps 4 ")

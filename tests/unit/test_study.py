@@ -77,14 +77,20 @@ def test_spread_over_seeds_and_ranking() -> None:
 
 def test_axes_are_one_change_around_the_centre() -> None:
     grid = study.settings(list(study.AXES))
-    assert grid[0] == ("centre", study.CENTRE) and study.CENTRE.label() == "centre"
+    c = study.CENTRE
+    assert grid[0] == ("centre", c) and c.label(c) == "centre"
     keys = [s.key for _, s in grid]
     assert len(set(keys)) == len(keys)
     for axis, s in grid[1:]:
         changed = [f for f in vars(s) if getattr(s, f) != getattr(study.CENTRE, f)]
         assert len(changed) in (1, 2), (axis, changed)  # T with T^2 changes two fields
     t2 = study.Setting(temperature=2.0, t2=True)
-    assert t2.label() == "T 2, T^2 scaling"
+    assert t2.label(c) == "T 2, T^2 scaling"
+    strong = study.Setting(teacher=study.Teacher(steps_x=4.0))
+    around = study.settings(["teacher_strength", "w0"], strong)
+    assert [s.teacher.steps_x for _, s in around] == [4.0, 1.0, 2.0, 4.0]  # the centre not again
+    assert around[-1][1].label(strong) == "w0 0.5"
+    assert around[1][1].label(strong) == "teacher 2L h128, 1x steps"
     assert t2.flags(150) == ["--kd-steps", "45", "--kd-weight", "0.8", "--kd-schedule",
                              "linear", "--kd-temperature", "2", "--kd-t2-scaling"]  # fmt: skip
     assert study.Setting(kd_frac=0.15).kd_steps(150) == 22  # round(22.5), banker's rounding
