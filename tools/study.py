@@ -9,12 +9,17 @@ seed (:mod:`tools.study_table`). Teachers are trained once per teacher setting a
 once per (teacher, KD phase, seed); every finished run is kept on disk (``<out>/``) with a
 ``done.json``, so rerunning the command after a kill continues where it stopped.
 
-    python tools/study.py                         # the documented study (docs/results.md)
-    python tools/study.py --axes w0 schedule --seeds 1 2 --steps 300
-    python tools/study.py --quick                 # a 2-run smoke (integration test)
+    python tools/study.py                          # round 1: around the demo's centre
+    python tools/study.py --teacher-steps-x 4 --axes n_kd w0 schedule targets   # round 2
+    python tools/study.py --axes w0 schedule --seeds 1 2 3 --steps 300
+    python tools/study.py --quick                  # a 2-run smoke (integration test)
 
-Writes ``<out>/study.json``, ``<out>/study.md``, ``<out>/study.png`` (reached-step fraction and
-final-loss difference per setting and seed) and ``<out>/curves.png``.
+Runs go to ``<out>/s<steps>/`` (teachers/, targets/, students/<setting>/seed<s>/, shared by
+every centre); the tables of a centre to ``<out>/s<steps>/around-<centre>/``: ``study.md``,
+``study.json``, ``study.png`` (reached-step fraction and final-loss difference per setting and
+seed) and ``curves.png`` (validation loss of the first seed's baseline, centre and best setting).
+Scale: student and teacher as the demo's configs, at 8 sequences per step and world size 1, so
+that two runs share the 2 cores (``--jobs 2``).
 """
 
 from __future__ import annotations
