@@ -308,6 +308,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per run")
     parser.add_argument("--quick", action="store_true", help="tiny 2-run smoke: centre vs baseline")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    parser.add_argument("--tables", default=None,
+                        help="tables folder in <out>/s<steps>/ (around-<centre>)")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=ROOT / "cache" / "demo")
     args = parser.parse_args()
     centre = dataclasses.replace(CENTRE, teacher=Teacher(steps_x=args.teacher_steps_x))
@@ -321,7 +323,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, demo_data_flags(args.cache), scale)
     res = run_study(study, grid, seeds, max(1, args.jobs))
-    tables = out / f"around-{centre.key}"
+    tables = out / (args.tables or f"around-{centre.key}")
     print("\n" + write_outputs(tables, res, grid, seeds))
     print(f"\ntables and plots: {tables}/study.md, study.json, study.png, curves.png")
 
