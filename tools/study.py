@@ -111,10 +111,11 @@ CENTRE = Setting()  # the demo's KD settings, its teacher trained as long as the
 # (a change that leaves the centre as it is is skipped).
 AXES: dict[str, list[dict[str, object]]] = {  # in the order they run
     "teacher_strength": [{"teacher": Teacher(steps_x=x)} for x in (1.0, 2.0, 4.0)],
-    "n_kd": [{"kd_frac": 0.15}, {"kd_frac": 0.6}],
+    "n_kd": [{"kd_frac": 0.15}, {"kd_frac": 0.6}, {"kd_frac": 1.0}],
     "w0": [{"w0": 0.5}],
     "schedule": [{"schedule": "step"}, {"schedule": "linear_ratio"}],
     "targets": [{"offline": True}],
+    "combined": [{"kd_frac": 0.6, "schedule": "step"}],  # the two best changes of round 2
     "temperature": [{"temperature": 2.0}, {"temperature": 2.0, "t2": True}],
     "teacher_size": [{"teacher": Teacher(layers=1, hidden=64)}],
 }

@@ -88,7 +88,12 @@ class Spread:
 
         if self.mean is None or self.low is None or self.high is None:
             return "not reached"
-        body = f(self.mean) if self.n == 1 else f"{f(self.mean)} ({f(self.low)} to {f(self.high)})"
+        if self.n == 1:
+            body = f(self.mean)
+        elif f(self.low) == f(self.high):
+            body = f"{f(self.mean)} (every seed)"
+        else:
+            body = f"{f(self.mean)} ({f(self.low)} to {f(self.high)})"
         return body + (f", {self.missing} not reached" if self.missing else "")
 
 

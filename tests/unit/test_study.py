@@ -55,6 +55,7 @@ def test_spread_over_seeds_and_ranking() -> None:
     assert s.text(percent=True) == "80% (75% to 85%), 1 not reached"
     assert table.Spread.of([None, None]).text() == "not reached"
     assert table.Spread.of([-0.04]).text("{:+.4f}") == "-0.0400"
+    assert table.Spread.of([0.6, 0.6]).text(percent=True) == "60% (every seed)"
 
     def row(label: str, fracs: list[int | None], diffs: list[float]) -> table.Row:
         runs = [
