@@ -292,7 +292,7 @@ def write_outputs(
     curves = {"baseline": res.bases[seed], "SALT centre": res.curves[centre, seed]}
     if best != centre:
         curves[f"SALT best: {best.label(centre)}"] = res.curves[best, seed]
-    plot(curves, out / "curves.png", title=f"seed {seed}")
+    plot(curves, out / "curves.png", title=f"seed {seed}; centre: {centre.key}")
     return text
 
 
