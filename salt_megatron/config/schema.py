@@ -7,6 +7,7 @@ sections (or the world size) live in :meth:`SaltConfig.validate_world`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -119,9 +120,18 @@ class DistillConfig:
     kd_residual: Literal["uniform", "drop"] = "uniform"
     """With --kd-targets, the teacher's mass outside the stored ids: spread evenly over the other
     ids (uniform) or dropped, renormalising the stored ones (drop)."""
+    kd_gate: Literal["none", "teacher-confidence", "teacher-label-loss"] = "none"
+    """Token-level KD gate: apply the KD term only on tokens where the teacher's top-1
+    probability at T is >= --kd-gate-threshold (teacher-confidence), or where its cross-entropy
+    at T on the label is <= --kd-gate-threshold nats (teacher-label-loss); other tokens train on
+    the label alone (CE weight 1). See docs/salt.md."""
+    kd_gate_threshold: float | None = None
+    """Threshold of --kd-gate: a probability in (0, 1] for teacher-confidence, nats (> 0) for
+    teacher-label-loss."""
 
     def __post_init__(self) -> None:
         check(self.kd_steps >= 0, f"--kd-steps must be >= 0, got {self.kd_steps}")
+        self._check_gate()
         check(0.0 <= self.kd_weight <= 1.0, f"--kd-weight must be in [0, 1], got {self.kd_weight}")
         check(self.kd_temperature > 0, f"--kd-temperature must be > 0, got {self.kd_temperature}")
         check(
@@ -138,6 +148,18 @@ class DistillConfig:
         """True when a teacher (or its stored targets) and a positive KD phase are configured."""
         has_teacher = self.kd_teacher_load is not None or self.kd_targets is not None
         return has_teacher and self.kd_steps > 0
+
+    def _check_gate(self) -> None:
+        gate, thr = self.kd_gate, self.kd_gate_threshold
+        if gate == "none":
+            check(thr is None, f"--kd-gate-threshold {thr} needs --kd-gate")
+            return
+        check(self.enabled, f"--kd-gate {gate} needs a KD phase (--kd-teacher-load or "
+                            "--kd-targets, and --kd-steps > 0)")  # fmt: skip
+        high, what = (1.0, "a probability in (0, 1]") if gate == "teacher-confidence" else (
+            math.inf, "finite nats > 0")  # fmt: skip
+        check(thr is not None and 0.0 < thr <= high and math.isfinite(thr),
+              f"--kd-gate {gate} needs --kd-gate-threshold {what}, got {thr}")  # fmt: skip
 
 
 @dataclass
