@@ -113,8 +113,9 @@ def sparse_target_distribution(
     ids = torch.where(present, target_ids.long(), torch.zeros_like(target_ids.long()))
     lead = target_ids.shape[:-1]
     dense = torch.zeros(*lead, width, dtype=torch.float64)
-    kept = torch.zeros(*lead, width, dtype=torch.bool)
-    kept.scatter_(-1, ids, present)
+    # a count, not a bool scatter: empty slots point at id 0 too, and scatter_ of duplicate
+    # indices keeps an arbitrary one of their values (a stored id 0 could read as not kept)
+    kept = torch.zeros(*lead, width, dtype=torch.int64).scatter_add(-1, ids, present.long()) > 0
     if residual == "drop":
         q = q / q.sum(-1, keepdim=True).clamp(min=1e-300)
     else:

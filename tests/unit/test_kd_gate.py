@@ -36,7 +36,7 @@ def gate_inputs(dtype: torch.dtype, n_tok: int = 24, v: int = V, seed: int = 3):
     from ~1/v to ~1), labels (one ignored) and a mask (one token dropped)."""
     gen = torch.Generator().manual_seed(seed)
     s = (torch.randn(n_tok, v, generator=gen) * 3).to(dtype)
-    sharp = torch.linspace(0.2, 12.0, n_tok)[torch.randperm(n_tok, generator=gen)]
+    sharp = torch.linspace(0.2, 8.0, n_tok)[torch.randperm(n_tok, generator=gen)]
     t = (torch.randn(n_tok, v, generator=gen) * sharp.unsqueeze(-1)).to(dtype)
     y = torch.randint(0, v, (n_tok,), generator=gen)
     y[:4] = t[:4].float().argmax(-1)  # confident teachers right on the label
