@@ -10,10 +10,10 @@ One launch of two ranks, "meta posing as CUDA" (:mod:`tests.fake_device.harness`
   teacher TP 1 (replicas split the micro-batch, hidden states all-gathered), 2 KD steps, the
   teacher's release, 1 plain step, validation; then ``evaluation.loss_sums``;
 * the trainer on stored teacher targets (``--kd-targets``, no teacher built): the same student,
-  2 KD steps with the sparse loss, 1 plain step.
+  2 KD steps with the sparse loss (and a teacher-confidence KD gate), 1 plain step.
 * the trainer at PP 2 (1F1B, bf16, 4 micro-batches): 2 KD steps with the teacher balanced over
   the stages (each computes the hidden states of 2 micro-batches before the schedule and the
-  first sends its to the last), the release, 1 plain step.
+  first sends its to the last; a teacher-label-loss KD gate), the release, 1 plain step.
 
 Any tensor left on the host fails the run ("Tensor on device cpu is not on the expected device
 meta!"). Every host read of a device tensor is recorded with its call site; the KD loss, the
@@ -211,7 +211,8 @@ def _check_offline_training(root: str, tmp: str) -> dict[str, Any]:
     cfg = _cfg(root, *flags)
     data = build_run_data(cfg, 1)
     targets = _write_targets(root, tmp, data.train, 8)
-    cfg = _cfg(root, *flags, "--kd-targets", targets)
+    gate = ["--kd-gate", "teacher-confidence", "--kd-gate-threshold", "0.01"]
+    cfg = _cfg(root, *flags, *gate, "--kd-targets", targets)
     trainer = Trainer(cfg, (data.train, data.valid), VOCAB, tokenizer_fingerprint=FINGERPRINT,
                       kd_targets=TargetStore(targets))  # fmt: skip
     with harness.SYNCS.counting() as setup_syncs:
@@ -235,6 +236,7 @@ def _check_pipeline(root: str) -> dict[str, Any]:
     cfg = _cfg(
         root, "--pipeline-model-parallel-size", "2", "--bf16", "--micro-batch-size", "1",
         "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1",
+        "--kd-gate", "teacher-label-loss", "--kd-gate-threshold", "4",
     )  # fmt: skip
     trainer = Trainer(cfg, (RandomTokens(), None), VOCAB, tokenizer_fingerprint=FINGERPRINT)
     trainer.kd.sync(trainer.step)
