@@ -7,13 +7,14 @@ One launch of two ranks, "meta posing as CUDA" (:mod:`tests.fake_device.harness`
 * SALT_DS scoring (teacher TP 2) of 12 sequences in 6 micro-batches;
 * the trainer: student TP 2 with sequence parallelism, bf16, learned absolute positions and
   LayerNorm (modules megatron leaves on the host), DataLoader workers with pinned memory,
-  teacher TP 1 (replicas split the micro-batch, hidden states all-gathered), 2 KD steps, the
-  teacher's release, 1 plain step, validation; then ``evaluation.loss_sums``;
+  teacher TP 1 (replicas split the micro-batch, hidden states all-gathered), 2 KD steps (with
+  a teacher-label-loss KD gate), the teacher's release, 1 plain step, validation; then
+  ``evaluation.loss_sums``;
 * the trainer on stored teacher targets (``--kd-targets``, no teacher built): the same student,
   2 KD steps with the sparse loss (and a teacher-confidence KD gate), 1 plain step.
 * the trainer at PP 2 (1F1B, bf16, 4 micro-batches): 2 KD steps with the teacher balanced over
   the stages (each computes the hidden states of 2 micro-batches before the schedule and the
-  first sends its to the last; a teacher-label-loss KD gate), the release, 1 plain step.
+  first sends its to the last), the release, 1 plain step.
 
 Any tensor left on the host fails the run ("Tensor on device cpu is not on the expected device
 meta!"). Every host read of a device tensor is recorded with its call site; the KD loss, the
@@ -140,6 +141,7 @@ def _check_training(root: str) -> dict[str, Any]:
         root, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--bf16",
         "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "3",
         "--num-workers", "1", "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "1",
+        "--kd-gate", "teacher-label-loss", "--kd-gate-threshold", "4",
     )  # fmt: skip
     data = build_run_data(cfg, 1)
     trainer = Trainer(cfg, (data.train, data.valid), VOCAB, tokenizer_fingerprint=FINGERPRINT)
@@ -236,7 +238,6 @@ def _check_pipeline(root: str) -> dict[str, Any]:
     cfg = _cfg(
         root, "--pipeline-model-parallel-size", "2", "--bf16", "--micro-batch-size", "1",
         "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1",
-        "--kd-gate", "teacher-label-loss", "--kd-gate-threshold", "4",
     )  # fmt: skip
     trainer = Trainer(cfg, (RandomTokens(), None), VOCAB, tokenizer_fingerprint=FINGERPRINT)
     trainer.kd.sync(trainer.step)
