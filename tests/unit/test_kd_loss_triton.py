@@ -94,7 +94,9 @@ def _main() -> None:
 
 
 def test_triton_path_matches_reference_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}  # the script imports tests.*
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
         timeout=300,
