@@ -22,6 +22,7 @@ from salt_megatron.data.batches import Batch
 from salt_megatron.distill.step import reduce_kd_losses
 from salt_megatron.loss import sparse_kd_cross_entropy
 from salt_megatron.loss.contract import LossFunc, reduce_token_losses
+from salt_megatron.loss.gate import from_flags
 from salt_megatron.models.stage import read_batch, stage_inputs
 from salt_megatron.runtime import device
 from salt_megatron.runtime.timing import DeviceTimer
@@ -65,5 +66,6 @@ class OfflineKDForwardStep:
             t2_scaling=self.distill.kd_t2_scaling,
             loss_mask=loss_mask_sb,
             return_stats=True,
+            gate=from_flags(self.distill.kd_gate, self.distill.kd_gate_threshold),
         )
         return loss_sb, partial(reduce_kd_losses, loss_mask_sb, stats)

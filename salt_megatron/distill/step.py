@@ -29,6 +29,7 @@ from salt_megatron.data.batches import Batch
 from salt_megatron.distill.teacher_pass import TEACHER_HIDDEN
 from salt_megatron.loss import KDStats, kd_cross_entropy
 from salt_megatron.loss.contract import LossFunc, reduce_token_losses
+from salt_megatron.loss.gate import from_flags
 from salt_megatron.models.stage import read_batch, stage_inputs
 from salt_megatron.runtime import device
 from salt_megatron.runtime.timing import DeviceTimer
@@ -38,7 +39,9 @@ def reduce_kd_losses(
     loss_mask_sb: torch.Tensor, stats: KDStats, loss_sb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The KD loss function: :func:`reduce_token_losses` with the KD statistics as metrics."""
-    return reduce_token_losses(loss_mask_sb, loss_sb, stats.ce, stats.kd, stats.top1_agree)
+    return reduce_token_losses(
+        loss_mask_sb, loss_sb, stats.ce, stats.kd, stats.top1_agree, stats.kd_on
+    )
 
 
 @dataclass
@@ -84,5 +87,6 @@ class KDForwardStep:
             loss_mask=loss_mask_sb,
             return_stats=True,
             teacher_scratch=True,  # the teacher's logits are this micro-batch's temporary
+            gate=from_flags(self.distill.kd_gate, self.distill.kd_gate_threshold),
         )
         return loss_sb, partial(reduce_kd_losses, loss_mask_sb, stats)

@@ -5,11 +5,13 @@ takes stored sparse teacher targets (top-k / top-p ids and log-probabilities, re
 """
 
 from salt_megatron.loss.common import KDStats
+from salt_megatron.loss.gate import KDGate
 from salt_megatron.loss.kd_cross_entropy import check_shard_widths, kd_cross_entropy
 from salt_megatron.loss.reference import reference_kd_loss, reference_sparse_kd_loss
 from salt_megatron.loss.sparse_kd import sparse_kd_cross_entropy
 
 __all__ = [
+    "KDGate",
     "KDStats",
     "check_shard_widths",
     "kd_cross_entropy",

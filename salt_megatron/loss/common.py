@@ -27,12 +27,15 @@ class KDStats(NamedTuple):
     """Per-token float32 statistics (leading shape, multiplied by ``loss_mask``; no gradient).
 
     ``kd``: raw KD term (no weight, no T^2); ``ce``: CE term (0 for ignored labels);
-    ``top1_agree``: 1.0 where the full-vocabulary first argmax of student and teacher agree.
+    ``top1_agree``: 1.0 where the full-vocabulary first argmax of student and teacher agree;
+    ``kd_on``: 1.0 where the KD term applies (everywhere without a KD gate, see
+    :mod:`salt_megatron.loss.gate`).
     """
 
     kd: torch.Tensor
     ce: torch.Tensor
     top1_agree: torch.Tensor
+    kd_on: torch.Tensor
 
 
 class TokenWeights(NamedTuple):
@@ -41,7 +44,8 @@ class TokenWeights(NamedTuple):
     ``valid``: label != ignore index; ``ylocal``: int64 local label column, -1 where the label
     is ignored or on another shard; ``sy``: float32 label logit on its shard, else 0;
     ``keep``/``kd_keep``: float weights of the CE / KD terms (mask and valid label / mask only);
-    ``ace``/``akd``: the gradient weights ``(1 - w) keep`` and ``w c kd_keep / T``.
+    ``ace``/``akd``: the gradient weights ``(1 - w) keep`` and ``w c kd_keep / T``, or
+    ``(1 - w on) keep`` and ``w c on kd_keep / T`` with a KD gate ``on`` (float 0/1, else None).
     """
 
     valid: torch.Tensor
@@ -51,6 +55,7 @@ class TokenWeights(NamedTuple):
     kd_keep: torch.Tensor
     ace: torch.Tensor
     akd: torch.Tensor
+    on: torch.Tensor | None = None
 
 
 def token_weights(
@@ -68,8 +73,7 @@ def token_weights(
     valid_n = labels_n != ignore_index
     ycol_n = labels_n - vocab_start
     ylocal_n = torch.where(valid_n & (ycol_n >= 0) & (ycol_n < width), ycol_n, -1)
-    sy_n = s_nv.gather(1, ylocal_n.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
-    sy_n = sy_n * (ylocal_n >= 0)
+    sy_n = label_logit(s_nv, ylocal_n)
     keep_n = valid_n.float() if mask_n is None else valid_n * mask_n
     kd_keep_n = torch.ones_like(sy_n) if mask_n is None else mask_n.float()
     return TokenWeights(
@@ -81,6 +85,12 @@ def token_weights(
         ace=(1.0 - kd_weight) * keep_n,
         akd=(kd_weight * kd_coef) * kd_keep_n,
     )
+
+
+def label_logit(x_nv: torch.Tensor, ylocal_n: torch.Tensor) -> torch.Tensor:
+    """Float32 ``[N]``: ``x_nv`` (``[N, Vl]``) at the local label column, 0 where it is -1."""
+    x_n = x_nv.gather(1, ylocal_n.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+    return x_n * (ylocal_n >= 0)
 
 
 def group_rank_world(tp_group: Any) -> tuple[int, int]:
@@ -149,15 +159,18 @@ class GradInForward(torch.autograd.Function):
         n_inputs: int,
     ) -> tuple[torch.Tensor, ...]:
         """The forward's outputs: the per-token loss from the raw KD and CE terms (``ce_n``
-        unmasked; ignored labels are zeroed here), and the masked :class:`KDStats` fields when
-        ``agree_n`` is given. ``n_inputs``: the number of the forward's inputs."""
+        unmasked; ignored labels are zeroed here; a gate ``tok.on`` makes the weight ``w on``),
+        and the masked :class:`KDStats` fields when ``agree_n`` is given. ``n_inputs``: the
+        number of the forward's inputs."""
         ce_n = torch.where(tok.valid, ce_n, 0.0)
-        loss_n = (1.0 - kd_weight) * ce_n * tok.keep + (kd_weight * kd_scale) * kd_n * tok.kd_keep
+        w: float | torch.Tensor = kd_weight if tok.on is None else kd_weight * tok.on
+        loss_n = (1.0 - w) * ce_n * tok.keep + (w * kd_scale) * kd_n * tok.kd_keep
         ctx.save_for_backward(grad_nv)
         ctx.chunk_elems, ctx.n_inputs = chunk_elems, n_inputs
         if agree_n is None:
             return (loss_n,)
-        stats = (kd_n * tok.kd_keep, ce_n * tok.kd_keep, agree_n * tok.kd_keep)
+        on_n = tok.kd_keep * (1.0 if tok.on is None else tok.on)
+        stats = (kd_n * tok.kd_keep, ce_n * tok.kd_keep, agree_n * tok.kd_keep, on_n)
         ctx.mark_non_differentiable(*stats)
         return (loss_n, *stats)
 

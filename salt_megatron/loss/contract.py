@@ -16,8 +16,9 @@ LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, 
 
 #: Per-micro-batch sums reported by every loss function, then summed over micro-batches and
 #: data-parallel ranks: total loss, LM (cross-entropy) term, KD term, teacher/student top-1
-#: agreement, and the count of valid tokens they are normalised by.
-METRICS = ("loss", "lm_loss", "kd_loss", "top1_agree", "tokens")
+#: agreement, tokens the KD term applied to (all of them without a KD gate), and the count of
+#: valid tokens they are normalised by (always last).
+METRICS = ("loss", "lm_loss", "kd_loss", "top1_agree", "kd_gate_on", "tokens")
 
 
 def reduce_token_losses(
@@ -26,6 +27,7 @@ def reduce_token_losses(
     lm: torch.Tensor | None = None,
     kd: torch.Tensor | None = None,
     agree: torch.Tensor | None = None,
+    kd_on: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Reduce per-token losses to megatron's (sum, valid count, report) contract.
 
@@ -45,5 +47,6 @@ def reduce_token_losses(
     loss_sum = masked_sum(total)
     count = mask.sum()
     lm_sum = loss_sum if lm is None else masked_sum(lm)
-    report = torch.stack([loss_sum, lm_sum, masked_sum(kd), masked_sum(agree), count]).detach()
+    sums = [loss_sum, lm_sum, masked_sum(kd), masked_sum(agree), masked_sum(kd_on), count]
+    report = torch.stack(sums).detach()
     return loss_sum, count.to(torch.int), {"metrics": report}

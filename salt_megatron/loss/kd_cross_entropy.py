@@ -18,7 +18,13 @@ per-row maxima and partial sums relative to the *local* maxima, then exactly two
 
 1. ``all_reduce(MAX)`` of ``[max s, max t]`` per row,
 2. ``all_reduce(SUM)`` of the partial sums rescaled to the global maxima (``exp(m_local - M)``):
-   ``[Z_s(T), Z_t(T), sum e^{(t-Mt)/T} (s-Ms)/T, s_y, Z_s(1) if T != 1, top-1 bits if stats]``.
+   ``[Z_s(T), Z_t(T), sum e^{(t-Mt)/T} (s-Ms)/T, s_y, Z_s(1) if T != 1, t_y if a label-loss
+   gate, top-1 bits if stats]``.
+
+Token-level KD gate (``gate``, :mod:`salt_megatron.loss.gate`): per row, ``on`` in {0, 1} from the
+teacher's top-1 probability ``1 / Z_t`` or its label loss ``log Z_t - (t_y - Mt) / T``, known
+after the second collective; the loss becomes ``(1 - w on) CE + w c on KD`` and only the
+per-row gradient weights change (without TP the fused sweep decides per row chunk).
 
 Shards must be equally wide: :func:`check_shard_widths` checks it once, at set-up (a check per
 call would read a device value on the host every micro-batch). The forward reads nothing back
@@ -61,11 +67,14 @@ from salt_megatron.loss import torch_kd
 from salt_megatron.loss.common import (
     GradInForward,
     KDStats,
+    TokenWeights,
     check_call,
     chunk_elems,
+    label_logit,
     token_weights,
     with_leading_shape,
 )
+from salt_megatron.loss.gate import KDGate, dense_teacher_logq, gate_tokens, gated_weights
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class _Config:
     teacher_scratch: bool
     backend: ModuleType
     chunk_elems: int
+    gate: KDGate | None
 
 
 def _select_backend(impl: str, device: torch.device) -> ModuleType:
@@ -106,16 +116,18 @@ def _select_backend(impl: str, device: torch.device) -> ModuleType:
 
 
 def _merge_row_stats(
-    local: torch_kd.LocalRowStats, sy_n: torch.Tensor, cfg: _Config, width: int
+    local: torch_kd.LocalRowStats, sy_n: torch.Tensor, ty_n: torch.Tensor | None, cfg: _Config
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Merge per-shard statistics with the two collectives.
 
-    Returns ``max_2n`` (global ``[Ms, Mt]``), ``sum_kn`` (global ``[Zs, Zt, Ats, Sy, Z1]`` each
-    ``[N]``, float32) and the ``[N]`` top-1 agreement (float 0/1) or None.
+    Returns ``max_2n`` (global ``[Ms, Mt]``), ``sum_kn`` (global ``[Zs, Zt, Ats, Sy, Z1]``, and
+    the teacher's label logit ``Ty`` as a sixth row when ``ty_n`` is given (the KD gate's);
+    each ``[N]``, float32) and the ``[N]`` top-1 agreement (float 0/1) or None.
     """
     inv_t = 1.0 / cfg.temperature
+    extra = [] if ty_n is None else [ty_n]
     if cfg.world == 1:
-        sums_kn = torch.stack([local.zs_n, local.zt_n, local.ats_n, sy_n, local.z1_n])
+        sums_kn = torch.stack([local.zs_n, local.zt_n, local.ats_n, sy_n, local.z1_n, *extra])
         agree_n = None
         if cfg.need_stats:
             agree_n = torch.eq(local.sarg_n, local.targ_n).float()  # type: ignore[arg-type]
@@ -135,6 +147,7 @@ def _merge_row_stats(
     ]
     if cfg.temperature != 1.0:
         parts.append(local.z1_n * torch.exp(dsmax_n))
+    parts += extra  # the teacher's label logit rides in the same buffer
     if cfg.need_stats:
         bit = float(2**cfg.rank)
         s_top_n = torch.eq(local.smax_n, smax_n)
@@ -150,55 +163,94 @@ def _merge_row_stats(
         low_t_n = bits_3n[1] & -bits_3n[1]
         agree_n = ((low_s_n == low_t_n) & ((bits_3n[2] & low_s_n) != 0)).float()
         sum_kn = sum_kn[:-3]
-    if cfg.temperature == 1.0:
-        sum_kn = torch.cat([sum_kn, sum_kn[:1]])
+    if cfg.temperature == 1.0:  # Z1 = Zs
+        sum_kn = torch.cat([sum_kn[:4], sum_kn[:1], sum_kn[4:]])
     return torch.stack([smax_n, tmax_n]), sum_kn, agree_n
+
+
+def _gate(
+    tok: TokenWeights, max_2n: torch.Tensor, sum_kn: torch.Tensor, cfg: _Config
+) -> TokenWeights:
+    """``tok`` with ``cfg.gate`` applied from the merged statistics (``tok`` without a gate)."""
+    if cfg.gate is None:
+        return tok
+    ty_n = sum_kn[5] if cfg.gate.needs_label else None
+    top1_n, label_n = dense_teacher_logq(max_2n[1], sum_kn[1], ty_n, cfg.temperature)
+    return gate_tokens(tok, cfg.gate.on(top1_n, label_n, tok.valid), cfg.kd_weight)
+
+
+def _fused_sweep(
+    s_nv: torch.Tensor,
+    t_nv: torch.Tensor,
+    grad_nv: torch.Tensor,
+    tok: TokenWeights,
+    ty_n: torch.Tensor | None,
+    cfg: _Config,
+) -> tuple[torch_kd.LocalRowStats, TokenWeights]:
+    """Without TP: statistics and gradient in one sweep (``fused_stats_grad``). A gate decides
+    per row chunk, from the chunk's teacher statistics (final: the row is whole), before the
+    chunk's gradient is written. Returns the statistics and the (gated) token weights."""
+    temp, gate, w = cfg.temperature, cfg.gate, cfg.kd_weight
+    fused = cfg.backend.fused_stats_grad
+    args = (s_nv, t_nv, grad_nv, tok.ylocal, tok.ace, tok.akd, temp, cfg.need_stats)
+    if gate is None:
+        return fused(*args, cfg.chunk_elems), tok
+    on_n = torch.empty_like(tok.keep)
+
+    def weights(rows: slice, tmax_c: torch.Tensor, zt_c: torch.Tensor) -> torch_kd.Pair:
+        ty_c = None if ty_n is None else ty_n[rows]
+        on_c = gate.on(*dense_teacher_logq(tmax_c, zt_c, ty_c, temp), tok.valid[rows])
+        on_n[rows] = on_c
+        return gated_weights(tok.keep[rows], tok.akd[rows], on_c, w)
+
+    local = fused(*args, cfg.chunk_elems, weights)
+    return local, gate_tokens(tok, on_n, w)
 
 
 def _local_stats_and_grad(
     s_nv: torch.Tensor,
     t_nv: torch.Tensor,
     grad_nv: torch.Tensor,
-    ylocal_n: torch.Tensor,
-    ace_n: torch.Tensor,
-    akd_n: torch.Tensor,
-    sy_n: torch.Tensor,
+    tok: TokenWeights,
+    ty_n: torch.Tensor | None,
     cfg: _Config,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, TokenWeights]:
     """Row statistics (both collectives) and the gradient written into ``grad_nv`` (``[N, Vl]``).
 
-    ``ace_n``/``akd_n``: float32 ``[N]`` CE / KD gradient weights (``(1-w) keep``,
-    ``w c keep_kd / T``). Returns :func:`_merge_row_stats`'s ``(max_2n, sum_kn, agree_n)``.
-    Without TP the backend may do it in one fused sweep (``fused_stats_grad``); with TP the
+    ``tok``: the tokens' weights (:func:`~salt_megatron.loss.common.token_weights`); ``ty_n``:
+    the teacher's label logit on this shard (0 elsewhere), for a gate that needs it. Returns
+    :func:`_merge_row_stats`'s ``(max_2n, sum_kn, agree_n)`` and ``tok`` with the gate applied.
+    Without TP the backend may do it in one fused sweep (:func:`_fused_sweep`); with TP the
     PyTorch backend keeps the statistics sweep's exponentials and rescales them
     (``stats_keep_exps``, ``grad_from_exps``), the Triton backend recomputes them
-    (``write_grad``: on a GPU the extra reads cost less than the extra writes would).
+    (``write_grad``: on a GPU the extra reads cost less than the extra writes would). A gate
+    only changes the per-row weights ``ace``/``akd`` of the gradient.
     """
-    width = s_nv.shape[1]
     temp, chunk, backend = cfg.temperature, cfg.chunk_elems, cfg.backend
-    fused = getattr(backend, "fused_stats_grad", None)
-    if cfg.world == 1 and fused is not None:
-        local = fused(s_nv, t_nv, grad_nv, ylocal_n, ace_n, akd_n, temp, cfg.need_stats, chunk)
-        return _merge_row_stats(local, sy_n, cfg, width)
+    if cfg.world == 1 and hasattr(backend, "fused_stats_grad"):
+        local, tok = _fused_sweep(s_nv, t_nv, grad_nv, tok, ty_n, cfg)
+        return *_merge_row_stats(local, tok.sy, ty_n, cfg), tok
     if hasattr(backend, "stats_keep_exps"):
         et_nv = t_nv if cfg.teacher_scratch else torch.empty_like(t_nv)
         local = backend.stats_keep_exps(s_nv, t_nv, grad_nv, et_nv, temp, cfg.need_stats, chunk)
-        max_2n, sum_kn, agree_n = _merge_row_stats(local, sy_n, cfg, width)
-        zs_n, zt_n, _, _, z1_n = sum_kn
+        max_2n, sum_kn, agree_n = _merge_row_stats(local, tok.sy, ty_n, cfg)
+        tok = _gate(tok, max_2n, sum_kn, cfg)
+        zs_n, zt_n, z1_n, ace_n, akd_n = sum_kn[0], sum_kn[1], sum_kn[4], tok.ace, tok.akd
         ds_n = local.smax_n - max_2n[0]  # <= 0: the shard's maxima against the global ones
         dt_n = local.tmax_n - max_2n[1]
         coef_kn = torch.stack([
             ace_n / z1_n * torch.exp(ds_n), akd_n / zs_n * torch.exp(ds_n / temp),
             akd_n / zt_n * torch.exp(dt_n / temp), ace_n,
         ])  # fmt: skip
-        backend.grad_from_exps(grad_nv, et_nv, coef_kn, ylocal_n, temp, chunk)
-        return max_2n, sum_kn, agree_n
+        backend.grad_from_exps(grad_nv, et_nv, coef_kn, tok.ylocal, temp, chunk)
+        return max_2n, sum_kn, agree_n, tok
     local = backend.local_row_stats(s_nv, t_nv, temp, cfg.need_stats, chunk)
-    max_2n, sum_kn, agree_n = _merge_row_stats(local, sy_n, cfg, width)
-    zs_n, zt_n, _, _, z1_n = sum_kn
+    max_2n, sum_kn, agree_n = _merge_row_stats(local, tok.sy, ty_n, cfg)
+    tok = _gate(tok, max_2n, sum_kn, cfg)
+    zs_n, zt_n, z1_n, ace_n, akd_n = sum_kn[0], sum_kn[1], sum_kn[4], tok.ace, tok.akd
     coef_kn = torch.stack([max_2n[0], max_2n[1], akd_n / zs_n, ace_n / z1_n, akd_n / zt_n, ace_n])
-    backend.write_grad(s_nv, t_nv, grad_nv, coef_kn, ylocal_n, temp, chunk)
-    return max_2n, sum_kn, agree_n
+    backend.write_grad(s_nv, t_nv, grad_nv, coef_kn, tok.ylocal, temp, chunk)
+    return max_2n, sum_kn, agree_n, tok
 
 
 class _KDCrossEntropy(GradInForward):
@@ -215,11 +267,11 @@ class _KDCrossEntropy(GradInForward):
         tok = token_weights(
             s_nv, labels_n, mask_n, cfg.vocab_start, cfg.ignore_index, w, c / cfg.temperature
         )
+        needs_ty = cfg.gate is not None and cfg.gate.needs_label
+        ty_n = label_logit(t_nv, tok.ylocal) if needs_ty else None  # before t_nv is scratch
         grad_nv = s_nv if cfg.inplace_grad else torch.empty_like(s_nv)
-        max_2n, sum_kn, agree_n = _local_stats_and_grad(
-            s_nv, t_nv, grad_nv, tok.ylocal, tok.ace, tok.akd, tok.sy, cfg
-        )
-        zs_n, zt_n, ats_n, sy_n, z1_n = sum_kn
+        max_2n, sum_kn, agree_n, tok = _local_stats_and_grad(s_nv, t_nv, grad_nv, tok, ty_n, cfg)
+        zs_n, zt_n, ats_n, sy_n, z1_n = sum_kn[:5]
         kd_n = torch.log(zs_n) - ats_n / zt_n
         ce_n = torch.log(z1_n) + max_2n[0] - sy_n
         return GradInForward.finish(
@@ -282,6 +334,7 @@ def kd_cross_entropy(
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
+    gate: KDGate | None = None,
 ) -> torch.Tensor: ...
 
 
@@ -302,6 +355,7 @@ def kd_cross_entropy(
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
+    gate: KDGate | None = None,
 ) -> tuple[torch.Tensor, KDStats]: ...
 
 
@@ -321,6 +375,7 @@ def kd_cross_entropy(
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
+    gate: KDGate | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, KDStats]:
     """Per-token SALT loss on vocab-parallel logits shards (definitions in the module docstring).
 
@@ -344,6 +399,9 @@ def kd_cross_entropy(
         vocab_start_index: first global column of this shard; default ``rank * Vl``.
         impl: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"`` (on CPU
             only under ``TRITON_INTERPRET=1``, for tests).
+        gate: a token-level KD gate (:class:`~salt_megatron.loss.gate.KDGate`): the KD term
+            applies only where the teacher passes it, other tokens get CE with weight 1. No
+            extra collective (a label-loss gate adds one row to the SUM all-reduce).
 
     Returns:
         float32 per-token loss ``[...]`` (no reduction over tokens); with ``return_stats``,
@@ -370,6 +428,7 @@ def kd_cross_entropy(
         teacher_scratch=teacher_scratch,
         backend=_select_backend(impl, student_logits.device),
         chunk_elems=chunk_elems(student_logits.device),
+        gate=gate,
     )
     s_nv = student_logits.contiguous().view(-1, width)
     t_nv = teacher_logits.detach().contiguous().view(-1, width)

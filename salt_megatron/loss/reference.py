@@ -5,11 +5,17 @@ Same definitions as :func:`salt_megatron.loss.kd_cross_entropy` (see ``docs`` th
     p = softmax(s / T), q = softmax(t / T)
     KD = -sum_v q_v log p_v             CE = logsumexp(s) - s_y   (0 where y == ignore_index)
     loss = mask * ((1 - w) * CE + w * c * KD),   c = T**2 if t2_scaling else 1
+
+With a KD gate, ``on`` = 1 where the teacher's distribution ``g`` (``q``; for sparse targets its
+uniform-residual reconstruction) passes it: ``max_v g_v >= P`` (teacher-confidence) or
+``-log g_y <= L`` with a label (teacher-label-loss); ``loss = (1 - w on) CE + w c on KD``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from salt_megatron.loss.gate import KDGate
 
 
 def reference_kd_loss(
@@ -22,6 +28,7 @@ def reference_kd_loss(
     t2_scaling: bool = False,
     loss_mask: torch.Tensor | None = None,
     ignore_index: int = -100,
+    gate: KDGate | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token loss and statistics on full-vocabulary logits, all in float64.
 
@@ -35,7 +42,8 @@ def reference_kd_loss(
     Returns:
         dict of float64 ``[...]`` tensors: ``loss``, ``kd`` (raw KD, no weight and no T^2),
         ``ce`` (0 where ignored), ``top1_agree`` (1.0 where the first argmax of both models
-        agrees), the last three multiplied by the mask like the loss.
+        agrees), ``kd_on`` (1.0 where ``gate`` lets the KD term apply), the last four
+        multiplied by the mask like the loss.
     """
     s_nv = student_logits.double()
     t_nv = teacher_logits.double()
@@ -44,13 +52,28 @@ def reference_kd_loss(
     kd_n = -(q_nv * logp_nv).sum(-1)
     agree_n = (s_nv.argmax(-1) == t_nv.argmax(-1)).double()
     scale = temperature**2 if t2_scaling else 1.0
-    return _with_ce(s_nv, kd_n, agree_n, labels, kd_weight, scale, loss_mask, ignore_index)
+    on_n = _gate_on(q_nv.detach(), labels, gate, ignore_index)
+    return _with_ce(s_nv, kd_n, agree_n, on_n, labels, kd_weight, scale, loss_mask, ignore_index)
+
+
+def _gate_on(
+    g_nv: torch.Tensor, labels: torch.Tensor, gate: KDGate | None, ignore_index: int
+) -> torch.Tensor:
+    """Float64 ``[...]``: 1.0 where ``gate`` passes the teacher distribution ``g_nv``."""
+    if gate is None:
+        return torch.ones(g_nv.shape[:-1], dtype=torch.float64)
+    if gate.kind == "teacher-confidence":
+        return (g_nv.amax(-1) >= gate.threshold).double()
+    valid_n = labels != ignore_index
+    g_y_n = g_nv.gather(-1, torch.where(valid_n, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return (valid_n & (-torch.log(g_y_n) <= gate.threshold)).double()
 
 
 def _with_ce(
     s_nv: torch.Tensor,
     kd_n: torch.Tensor,
     agree_n: torch.Tensor,
+    on_n: torch.Tensor,
     labels: torch.Tensor,
     kd_weight: float,
     scale: float,
@@ -62,13 +85,15 @@ def _with_ce(
     safe_y_n = torch.where(valid_n, labels, torch.zeros_like(labels))
     ce_n = torch.logsumexp(s_nv, dim=-1) - s_nv.gather(-1, safe_y_n.unsqueeze(-1)).squeeze(-1)
     ce_n = torch.where(valid_n, ce_n, torch.zeros_like(ce_n))
-    loss_n = (1.0 - kd_weight) * ce_n + kd_weight * scale * kd_n
+    w_n = kd_weight * on_n
+    loss_n = (1.0 - w_n) * ce_n + w_n * scale * kd_n
     mask_n = torch.ones_like(kd_n) if loss_mask is None else loss_mask.double()
     return {
         "loss": loss_n * mask_n,
         "kd": kd_n * mask_n,
         "ce": ce_n * mask_n,
         "top1_agree": agree_n * mask_n,
+        "kd_on": on_n * mask_n,
     }
 
 
@@ -88,8 +113,9 @@ def sparse_target_distribution(
     ids = torch.where(present, target_ids.long(), torch.zeros_like(target_ids.long()))
     lead = target_ids.shape[:-1]
     dense = torch.zeros(*lead, width, dtype=torch.float64)
-    kept = torch.zeros(*lead, width, dtype=torch.bool)
-    kept.scatter_(-1, ids, present)
+    # a count, not a bool scatter: empty slots point at id 0 too, and scatter_ of duplicate
+    # indices keeps an arbitrary one of their values (a stored id 0 could read as not kept)
+    kept = torch.zeros(*lead, width, dtype=torch.int64).scatter_add(-1, ids, present.long()) > 0
     if residual == "drop":
         q = q / q.sum(-1, keepdim=True).clamp(min=1e-300)
     else:
@@ -114,6 +140,7 @@ def reference_sparse_kd_loss(
     t2_scaling: bool = False,
     loss_mask: torch.Tensor | None = None,
     ignore_index: int = -100,
+    gate: KDGate | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token loss and statistics against sparse targets, densely in float64.
 
@@ -121,7 +148,7 @@ def reference_sparse_kd_loss(
     targets become a dense distribution (:func:`sparse_target_distribution`) and
     ``KD = -sum_v target_v log softmax(s / T)_v``. Returns the same keys as
     :func:`reference_kd_loss`; ``top1_agree`` compares the student's first argmax with
-    ``target_ids[..., 0]``.
+    ``target_ids[..., 0]``; ``gate`` reads the ``"uniform"`` reconstruction of the teacher.
     """
     s_nv = student_logits.double()
     width = s_nv.shape[-1]
@@ -131,4 +158,8 @@ def reference_sparse_kd_loss(
     kd_n = -(target * torch.log_softmax(s_nv / temperature, dim=-1)).sum(-1)
     agree_n = (s_nv.argmax(-1) == target_ids[..., 0].long()).double()
     scale = temperature**2 if t2_scaling else 1.0
-    return _with_ce(s_nv, kd_n, agree_n, labels, kd_weight, scale, loss_mask, ignore_index)
+    teacher = sparse_target_distribution(
+        target_ids, target_logprobs, target_residual, width, vocab_size or width, "uniform"
+    )
+    on_n = _gate_on(teacher, labels, gate, ignore_index)
+    return _with_ce(s_nv, kd_n, agree_n, on_n, labels, kd_weight, scale, loss_mask, ignore_index)

@@ -48,6 +48,7 @@ from salt_megatron.loss.common import (
     token_weights,
     with_leading_shape,
 )
+from salt_megatron.loss.gate import KDGate, gate_tokens, sparse_teacher_logq
 
 Residual = Literal["uniform", "drop"]
 
@@ -67,6 +68,7 @@ class _Config:
     need_stats: bool
     inplace_grad: bool
     chunk_elems: int
+    gate: KDGate | None
 
 
 class _Targets(NamedTuple):
@@ -255,6 +257,9 @@ class _SparseKD(GradInForward):
         n_true = min(width, max(0, cfg.vocab_size - cfg.vocab_start))  # local ids below V
         w, c, temp = cfg.kd_weight, cfg.kd_scale, cfg.temperature
         tok = token_weights(s_nv, labels_n, mask_n, cfg.vocab_start, cfg.ignore_index, w, c / temp)
+        if cfg.gate is not None:  # local: the targets are on every rank
+            logq = sparse_teacher_logq(ids_nk, logq_nk, resid_n, labels_n, cfg.vocab_size)
+            tok = gate_tokens(tok, cfg.gate.on(*logq, tok.valid), w)
         tgt = _targets(ids_nk, logq_nk, resid_n, cfg, width)
         s_nk = s_nv.gather(1, tgt.col_nk.clamp(min=0)).float()
         akd_n1 = tok.akd.unsqueeze(-1)
@@ -357,6 +362,7 @@ def sparse_kd_cross_entropy(
     inplace_grad: bool = False,
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
+    gate: KDGate | None = None,
 ) -> torch.Tensor: ...
 
 
@@ -379,6 +385,7 @@ def sparse_kd_cross_entropy(
     inplace_grad: bool = False,
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
+    gate: KDGate | None = None,
 ) -> tuple[torch.Tensor, KDStats]: ...
 
 
@@ -400,6 +407,7 @@ def sparse_kd_cross_entropy(
     inplace_grad: bool = False,
     vocab_start_index: int | None = None,
     ignore_index: int = -100,
+    gate: KDGate | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, KDStats]:
     """Per-token SALT loss against sparse teacher targets (definitions in the module docstring).
 
@@ -412,7 +420,9 @@ def sparse_kd_cross_entropy(
             those ids (any float dtype; ignored in empty slots).
         target_residual: ``[...]`` the teacher's probability mass outside the kept ids.
         labels, kd_weight, temperature, tp_group, t2_scaling, loss_mask, inplace_grad,
-            vocab_start_index, ignore_index: as in :func:`~salt_megatron.loss.kd_cross_entropy`.
+            vocab_start_index, ignore_index, gate: as in
+            :func:`~salt_megatron.loss.kd_cross_entropy` (the gate reads the stored targets:
+            :func:`~salt_megatron.loss.gate.sparse_teacher_logq`, no collective).
         residual: ``"uniform"`` spreads the residual over the other ids below ``vocab_size``,
             ``"drop"`` renormalises the kept mass.
         vocab_size: the true vocabulary size V (columns at or past it are padding); default
@@ -445,6 +455,7 @@ def sparse_kd_cross_entropy(
         need_stats=return_stats,
         inplace_grad=inplace_grad,
         chunk_elems=chunk_elems(student_logits.device),
+        gate=gate,
     )
     k = target_ids.shape[-1]
     outs = _SparseKD.apply(

@@ -186,6 +186,12 @@ def _combine(
     g_cv.copy_(acc_cv)
 
 
+Pair = tuple[torch.Tensor, torch.Tensor]
+RowWeights = Callable[[slice, torch.Tensor, torch.Tensor], Pair]
+"""``(rows, tmax_c, zt_c) -> (ace_c, akd_c)``: the CE / KD gradient weights of a chunk's rows
+from their final teacher maxima and partition sums (a token-level KD gate decides on them)."""
+
+
 def fused_stats_grad(
     s_nv: torch.Tensor,
     t_nv: torch.Tensor,
@@ -196,6 +202,7 @@ def fused_stats_grad(
     temperature: float,
     need_top1: bool,
     chunk_elems: int,
+    weights: RowWeights | None = None,
 ) -> LocalRowStats:
     """Statistics and gradient in one sweep when the shard is the whole vocabulary (no TP).
 
@@ -204,14 +211,17 @@ def fused_stats_grad(
     (``(1-w) mask [y valid]`` and ``w c mask / T``); ``ylocal_n`` is int64, -1 for no label.
     Returns the row statistics (:class:`LocalRowStats`), which are then global. The row is
     complete in its chunk, so its sums are final before the chunk leaves scratch and its
-    exponentials give the gradient directly.
+    exponentials give the gradient directly. ``weights``, if given, replaces ``ace_n``/``akd_n``
+    per chunk (:data:`RowWeights`).
     """
 
     def gradient(rows: slice, exps: _Exps, out_kn: torch.Tensor) -> None:
         z1_c = out_kn[5 if temperature != 1.0 else 2, rows]
+        ace_c, akd_c = ace_n[rows], akd_n[rows]
+        if weights is not None:
+            ace_c, akd_c = weights(rows, out_kn[1, rows], out_kn[3, rows])
         coef_4c = torch.stack(
-            [akd_n[rows] / out_kn[2, rows], ace_n[rows] / z1_c, akd_n[rows] / out_kn[3, rows],
-             ace_n[rows]]
+            [akd_c / out_kn[2, rows], ace_c / z1_c, akd_c / out_kn[3, rows], ace_c]
         )  # fmt: skip
         _combine(exps, coef_4c, ylocal_n[rows], grad_nv[rows])
 

@@ -43,6 +43,7 @@ class StepResult:
     lm_loss: float
     kd_loss: float
     top1_agree: float
+    kd_gate_on: float
     kd_weight: float
     kd_phase: bool
     grad_norm: float
@@ -226,6 +227,7 @@ class Trainer:
             lm_loss=means[METRICS.index("lm_loss")],
             kd_loss=means[METRICS.index("kd_loss")],
             top1_agree=means[METRICS.index("top1_agree")],
+            kd_gate_on=means[METRICS.index("kd_gate_on")],
             kd_weight=self.kd.weight(self.step - 1),
             kd_phase=forward_step is not lm_forward_step,
             grad_norm=grad_norm,
@@ -304,6 +306,8 @@ class Trainer:
                 top1_agree=last.top1_agree,
                 teacher_time_share=self.kd.take_teacher_seconds() / seconds,
             )
+            if self.cfg.distill.kd_gate != "none":  # the fraction of tokens KD applied to
+                values["kd_gate_on"] = last.kd_gate_on
         values |= {
             "lr": last.lr,
             "grad_norm": last.grad_norm,

@@ -8,7 +8,8 @@ backward (a counting wrapper around every torch.distributed collective); ``teach
 bitwise equal to a new buffer; unequal shards refused; a size-1 group (TP=1) equal to
 tp_group=None. The sparse loss: against its float64 reference with padding columns on the last
 shard, two collectives in forward and none in backward, and k = V equal to the dense loss; the
-stored targets' top-k / top-p merge across shards equal to the one-shard result.
+stored targets' top-k / top-p merge across shards equal to the one-shard result. The token-level
+KD gate (dense and sparse) against the references, with the same collectives.
 """
 
 from __future__ import annotations
@@ -237,6 +238,85 @@ def _check_teacher_targets_merge(group, rank: int, tp: int) -> None:
         torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6)
 
 
+def _check_gate(group, rank: int, tp: int) -> int:
+    """The token-level KD gate on shards: dense (both kinds, mixed) and sparse against the
+    float64 references, with the same two collectives in forward and none in backward; the
+    all-on gate equals the ungated loss, the all-off gate the w = 0 loss (bitwise)."""
+    from salt_megatron.loss import (
+        KDGate,
+        kd_cross_entropy,
+        reference_kd_loss,
+        reference_sparse_kd_loss,
+        sparse_kd_cross_entropy,
+    )
+    from salt_megatron.loss.reference import sparse_target_distribution
+    from tests.unit.test_kd_gate import (
+        check_against,
+        gate_inputs,
+        mixed_threshold,
+        teacher_statistic,
+    )
+    from tests.unit.test_sparse_kd import sparse_targets
+
+    width, v_true, temp = V // tp, V - 8, 2.0
+    cols = slice(rank * width, (rank + 1) * width)
+    s, t, y, mask = gate_inputs(torch.float32, v=V)
+    upstream = torch.linspace(0.5, 1.5, y.numel())
+    ids, logp, resid = sparse_targets(t[:, :v_true], temp, 16)
+    y_sparse = y.clamp(max=v_true - 1)
+    teachers = {
+        "dense": torch.softmax(t.double() / temp, dim=-1),
+        "sparse": sparse_target_distribution(ids, logp, resid, V, v_true, "uniform"),
+    }
+
+    def run(kind: str, gate, w: float = 0.4):  # type: ignore[no-untyped-def]
+        leaf = s[:, cols].clone().requires_grad_()
+        with _CallCounter() as fwd:
+            if kind == "dense":
+                loss, stats = kd_cross_entropy(
+                    leaf, t[:, cols].clone(), y, w, temp, group, loss_mask=mask,
+                    return_stats=True, gate=gate,
+                )  # fmt: skip
+            else:
+                loss, stats = sparse_kd_cross_entropy(
+                    leaf, ids, logp, resid, y_sparse, w, temp, group, vocab_size=v_true,
+                    loss_mask=mask, return_stats=True, gate=gate,
+                )  # fmt: skip
+        with _CallCounter() as bwd:
+            (loss * upstream).sum().backward()
+        assert fwd.calls == ["all_reduce", "all_reduce"] and bwd.calls == [], (fwd.calls, bwd.calls)
+        return loss, stats, leaf.grad
+
+    n_checks = 0
+    for which, gate_kind in itertools.product(
+        teachers, ("teacher-confidence", "teacher-label-loss")
+    ):
+        labels = y if which == "dense" else y_sparse
+        stat = teacher_statistic(teachers[which], labels, gate_kind)
+        gate = KDGate(gate_kind, mixed_threshold(stat))  # type: ignore[arg-type]
+        loss, stats, grad = run(which, gate)
+        s64 = s.double().requires_grad_()
+        if which == "dense":
+            ref = reference_kd_loss(s64, t, y, 0.4, temp, loss_mask=mask, gate=gate)
+        else:
+            ref = reference_sparse_kd_loss(
+                s64, ids, logp, resid, y_sparse, 0.4, temp, vocab_size=v_true, loss_mask=mask,
+                gate=gate,
+            )  # fmt: skip
+        (grad64,) = torch.autograd.grad((ref["loss"] * upstream.double()).sum(), s64)
+        check_against(loss, stats, grad, ref, grad64[:, cols], torch.float32)
+        assert 0 < stats.kd_on.sum() < mask.sum()
+        n_checks += 1
+    for which in teachers:
+        ungated, plain = run(which, None), run(which, None, w=0.0)
+        all_on = run(which, KDGate("teacher-confidence", 1e-9))
+        all_off = run(which, KDGate("teacher-confidence", 1.0))
+        for got, want in ((all_on, ungated), (all_off, plain)):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]), which
+        n_checks += 1
+    return n_checks
+
+
 def _check_unequal_shards_refused(group, rank: int, tp: int) -> None:
     from salt_megatron.loss import check_shard_widths
 
@@ -272,10 +352,11 @@ def tp_worker(tp: int) -> dict[str, object]:
     _check_teacher_scratch(rank, tp, group)
     sparse_checks = _check_sparse(group, rank, tp)
     _check_teacher_targets_merge(group, rank, tp)
+    gate_checks = _check_gate(group, rank, tp)
     _check_unequal_shards_refused(group, rank, tp)
     _check_size_one_group(rank, dist.get_world_size())
     return {"reference_checks": n_checks, "collectives_fwd_bwd": counts,
-            "sparse_checks": sparse_checks}  # fmt: skip
+            "sparse_checks": sparse_checks, "gate_checks": gate_checks}  # fmt: skip
 
 
 @pytest.mark.distributed
@@ -283,4 +364,5 @@ def tp_worker(tp: int) -> dict[str, object]:
 def test_kd_loss_tensor_parallel(tp: int) -> None:
     results = run_distributed(tp_worker, tp, tp)
     for res in results:
-        assert res == {"reference_checks": 12, "collectives_fwd_bwd": (2, 0), "sparse_checks": 9}
+        assert res == {"reference_checks": 12, "collectives_fwd_bwd": (2, 0), "sparse_checks": 9,
+                       "gate_checks": 6}  # fmt: skip

@@ -7,10 +7,11 @@ One launch of two ranks, "meta posing as CUDA" (:mod:`tests.fake_device.harness`
 * SALT_DS scoring (teacher TP 2) of 12 sequences in 6 micro-batches;
 * the trainer: student TP 2 with sequence parallelism, bf16, learned absolute positions and
   LayerNorm (modules megatron leaves on the host), DataLoader workers with pinned memory,
-  teacher TP 1 (replicas split the micro-batch, hidden states all-gathered), 2 KD steps, the
-  teacher's release, 1 plain step, validation; then ``evaluation.loss_sums``;
+  teacher TP 1 (replicas split the micro-batch, hidden states all-gathered), 2 KD steps (with
+  a teacher-label-loss KD gate), the teacher's release, 1 plain step, validation; then
+  ``evaluation.loss_sums``;
 * the trainer on stored teacher targets (``--kd-targets``, no teacher built): the same student,
-  2 KD steps with the sparse loss, 1 plain step.
+  2 KD steps with the sparse loss (and a teacher-confidence KD gate), 1 plain step.
 * the trainer at PP 2 (1F1B, bf16, 4 micro-batches): 2 KD steps with the teacher balanced over
   the stages (each computes the hidden states of 2 micro-batches before the schedule and the
   first sends its to the last), the release, 1 plain step.
@@ -140,6 +141,7 @@ def _check_training(root: str) -> dict[str, Any]:
         root, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--bf16",
         "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "3",
         "--num-workers", "1", "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "1",
+        "--kd-gate", "teacher-label-loss", "--kd-gate-threshold", "4",
     )  # fmt: skip
     data = build_run_data(cfg, 1)
     trainer = Trainer(cfg, (data.train, data.valid), VOCAB, tokenizer_fingerprint=FINGERPRINT)
@@ -211,7 +213,8 @@ def _check_offline_training(root: str, tmp: str) -> dict[str, Any]:
     cfg = _cfg(root, *flags)
     data = build_run_data(cfg, 1)
     targets = _write_targets(root, tmp, data.train, 8)
-    cfg = _cfg(root, *flags, "--kd-targets", targets)
+    gate = ["--kd-gate", "teacher-confidence", "--kd-gate-threshold", "0.01"]
+    cfg = _cfg(root, *flags, *gate, "--kd-targets", targets)
     trainer = Trainer(cfg, (data.train, data.valid), VOCAB, tokenizer_fingerprint=FINGERPRINT,
                       kd_targets=TargetStore(targets))  # fmt: skip
     with harness.SYNCS.counting() as setup_syncs:
@@ -280,7 +283,9 @@ def meta_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("meta")
     root = write_teacher_checkpoint(str(tmp / "teacher"), *ARCH)
     setup = partial(harness.init_process, "meta")
-    return run_distributed(_meta_world, 2, root, str(tmp), setup=setup)[0]  # type: ignore[no-any-return]
+    ranks = run_distributed(_meta_world, 2, root, str(tmp), setup=setup)
+    # rank 0's view of every check; at PP 2 the head and the loss run on the last stage, rank 1
+    return {**ranks[0], "pipeline": [rank["pipeline"] for rank in ranks]}
 
 
 def _hot(syncs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -325,11 +330,13 @@ def test_kd_step_on_stored_targets_is_host_sync_free(meta_run: dict[str, Any]) -
         assert len(step["syncs"]) == 3 and len(ours) == 1, step["syncs"]
 
 
-def test_pipelined_kd_step_is_host_sync_free(meta_run: dict[str, Any]) -> None:
-    """PP 2: the teacher pass, its point-to-point sends and the head make no host read."""
-    steps = meta_run["pipeline"]["steps"]
+@pytest.mark.parametrize("stage", [0, 1], ids=["first_stage", "last_stage"])
+def test_pipelined_kd_step_is_host_sync_free(meta_run: dict[str, Any], stage: int) -> None:
+    """PP 2, each stage: the teacher pass, its point-to-point sends, and on the last stage the
+    teacher's head and the KD loss make no host read."""
+    steps = meta_run["pipeline"][stage]["steps"]
     assert [s["kd"] for s in steps] == [True, True, False]
-    assert meta_run["pipeline"]["teacher_released"]
+    assert meta_run["pipeline"][stage]["teacher_released"]
     for step in steps:
         assert not _hot(step["syncs"]), step["syncs"]
         ours = [s for s in step["syncs"] if "/salt_megatron/" in s[1]]

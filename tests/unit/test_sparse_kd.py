@@ -132,3 +132,14 @@ def test_invalid_arguments_are_refused():
         sparse_kd_cross_entropy(s, ids, logp, resid, y, 0.5, residual="spread")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="float32"):
         sparse_kd_cross_entropy(s.double(), ids, logp, resid, y, 0.5)
+
+
+def test_reference_target_keeps_a_stored_id_zero_beside_empty_slots():
+    """Empty slots (-1) must not unmark a stored id 0: its mass is q_0, not q_0 + u."""
+    from salt_megatron.loss.reference import sparse_target_distribution
+
+    ids = torch.tensor([[5, 0, -1, -1]])
+    logq = torch.tensor([[0.5, 0.25, 0.0, 0.0]]).log()
+    dense = sparse_target_distribution(ids, logq, torch.tensor([0.25]), 12, 10, "uniform")
+    want = torch.tensor([0.25] + [0.25 / 8] * 4 + [0.5] + [0.25 / 8] * 4 + [0.0] * 2)
+    torch.testing.assert_close(dense[0], want.double(), rtol=1e-6, atol=1e-7)
