@@ -4,23 +4,19 @@ the same command again, which must reuse all three runs (resumability on real ru
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.conftest import REPO, run_tool
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _study(out: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/study.py"), "--quick", "--out", str(out),
-         "--cache", str(ROOT / "cache" / "demo")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    args = ["--quick", "--out", str(out), "--cache", str(REPO / "cache" / "demo")]
+    proc = run_tool("study.py", args, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:]
     return proc.stdout
 
 
