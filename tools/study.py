@@ -64,6 +64,7 @@ class Setting:
     temperature: float = 1.0
     t2: bool = False
     offline: bool = False
+    gate: float | None = None  # --kd-gate teacher-confidence --kd-gate-threshold P; None: off
 
     @property
     def key(self) -> str:
@@ -71,6 +72,7 @@ class Setting:
         return (
             f"{self.teacher.key}-kd{self.kd_frac:g}-w{self.w0:g}-{self.schedule}"
             f"-T{self.temperature:g}{'sq' if self.t2 else ''}-{'off' if self.offline else 'on'}"
+            + ("" if self.gate is None else f"-gate{self.gate:g}")
         )
 
     def label(self, centre: Setting) -> str:
@@ -95,6 +97,8 @@ class Setting:
             "--kd-steps", str(self.kd_steps(steps)), "--kd-weight", f"{self.w0:g}",
             "--kd-schedule", self.schedule, "--kd-temperature", f"{self.temperature:g}",
             *(["--kd-t2-scaling"] if self.t2 else []),
+            *([] if self.gate is None else
+              ["--kd-gate", "teacher-confidence", "--kd-gate-threshold", f"{self.gate:g}"]),
         ]  # fmt: skip
 
 
@@ -105,6 +109,7 @@ LABELS: dict[str, Callable[[object], str]] = {
     "temperature": lambda v: f"T {v:g}",
     "t2": lambda v: "T^2 scaling" if v else "no T^2 scaling",
     "offline": lambda v: "stored targets" if v else "online teacher",
+    "gate": lambda v: "no gate" if v is None else f"KD where the teacher's top-1 p >= {v:g}",
 }
 CENTRE = Setting()  # the demo's KD settings, its teacher trained as long as the student
 # One axis at a time around a centre: each entry lists the changes to the centre on that axis
@@ -116,6 +121,7 @@ AXES: dict[str, list[dict[str, object]]] = {  # in the order they run
     "schedule": [{"schedule": "step"}, {"schedule": "linear_ratio"}],
     "targets": [{"offline": True}],
     "combined": [{"kd_frac": 0.6, "schedule": "step"}],  # the two best changes of round 2
+    "gate": [{"gate": 0.1}, {"gate": 0.3}],
     "temperature": [{"temperature": 2.0}, {"temperature": 2.0, "t2": True}],
     "teacher_size": [{"teacher": Teacher(layers=1, hidden=64)}],
 }
