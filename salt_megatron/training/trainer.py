@@ -54,6 +54,19 @@ class StepResult:
     batch_size: int
 
 
+def kd_columns(window: list[StepResult], gate: bool) -> dict[str, float]:
+    """The KD columns of a log window: those of its last KD step (a window that ends past the
+    switch to plain training still shows the KD phase's end), none without a KD step.
+    ``kd_gate_on`` (the fraction of tokens KD applied to) only with a gate."""
+    kd_steps = [r for r in window if r.kd_phase]
+    if not kd_steps:
+        return {}
+    last = kd_steps[-1]
+    columns = {"lm_loss": last.lm_loss, "kd_loss": last.kd_loss, "kd_weight": last.kd_weight,
+               "top1_agree": last.top1_agree}  # fmt: skip
+    return columns | ({"kd_gate_on": last.kd_gate_on} if gate else {})
+
+
 class Trainer:
     """Builds the student on megatron's global parallel state and trains it.
 
@@ -298,16 +311,9 @@ class Trainer:
         seconds = sum(r.seconds for r in window)
         tokens = sum(r.batch_size for r in window) * self.cfg.data.seq_length
         values = {"loss": last.loss}
-        if any(r.kd_phase for r in window):
-            values.update(
-                lm_loss=last.lm_loss,
-                kd_loss=last.kd_loss,
-                kd_weight=last.kd_weight,
-                top1_agree=last.top1_agree,
-                teacher_time_share=self.kd.take_teacher_seconds() / seconds,
-            )
-            if self.cfg.distill.kd_gate != "none":  # the fraction of tokens KD applied to
-                values["kd_gate_on"] = last.kd_gate_on
+        kd = kd_columns(window, gate=self.cfg.distill.kd_gate != "none")
+        if kd:
+            values |= kd | {"teacher_time_share": self.kd.take_teacher_seconds() / seconds}
         values |= {
             "lr": last.lr,
             "grad_norm": last.grad_norm,
