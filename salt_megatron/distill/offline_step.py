@@ -22,7 +22,7 @@ from salt_megatron.data.batches import Batch
 from salt_megatron.distill.step import reduce_kd_losses
 from salt_megatron.loss import sparse_kd_cross_entropy
 from salt_megatron.loss.contract import LossFunc, reduce_token_losses
-from salt_megatron.loss.gate import from_flags
+from salt_megatron.loss.gate import KDGate, from_flags
 from salt_megatron.models.stage import read_batch, stage_inputs
 from salt_megatron.runtime import device
 from salt_megatron.runtime.timing import DeviceTimer
@@ -42,6 +42,11 @@ class OfflineKDForwardStep:
     weight: float = 0.0
     teacher_timer: DeviceTimer = field(default_factory=lambda: DeviceTimer(device()))
     teacher: Any = None
+    gate: KDGate | None = field(init=False)
+    """The token-level KD gate of ``--kd-gate`` (None without one), built once."""
+
+    def __post_init__(self) -> None:
+        self.gate = from_flags(self.distill.kd_gate, self.distill.kd_gate_threshold)
 
     def __call__(
         self, data_iterator: Iterator[Batch] | None, model: torch.nn.Module
@@ -66,6 +71,6 @@ class OfflineKDForwardStep:
             t2_scaling=self.distill.kd_t2_scaling,
             loss_mask=loss_mask_sb,
             return_stats=True,
-            gate=from_flags(self.distill.kd_gate, self.distill.kd_gate_threshold),
+            gate=self.gate,
         )
         return loss_sb, partial(reduce_kd_losses, loss_mask_sb, stats)

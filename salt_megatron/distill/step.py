@@ -29,7 +29,7 @@ from salt_megatron.data.batches import Batch
 from salt_megatron.distill.teacher_pass import TEACHER_HIDDEN
 from salt_megatron.loss import KDStats, kd_cross_entropy
 from salt_megatron.loss.contract import LossFunc, reduce_token_losses
-from salt_megatron.loss.gate import from_flags
+from salt_megatron.loss.gate import KDGate, from_flags
 from salt_megatron.models.stage import read_batch, stage_inputs
 from salt_megatron.runtime import device
 from salt_megatron.runtime.timing import DeviceTimer
@@ -57,6 +57,11 @@ class KDForwardStep:
     tp_group: Any
     weight: float = 0.0
     teacher_timer: DeviceTimer = field(default_factory=lambda: DeviceTimer(device()))
+    gate: KDGate | None = field(init=False)
+    """The token-level KD gate of ``--kd-gate`` (None without one), built once."""
+
+    def __post_init__(self) -> None:
+        self.gate = from_flags(self.distill.kd_gate, self.distill.kd_gate_threshold)
 
     def _teacher_logits_sbv(self, batch: Batch) -> torch.Tensor:
         with self.teacher_timer.time():
@@ -87,6 +92,6 @@ class KDForwardStep:
             loss_mask=loss_mask_sb,
             return_stats=True,
             teacher_scratch=True,  # the teacher's logits are this micro-batch's temporary
-            gate=from_flags(self.distill.kd_gate, self.distill.kd_gate_threshold),
+            gate=self.gate,
         )
         return loss_sb, partial(reduce_kd_losses, loss_mask_sb, stats)
