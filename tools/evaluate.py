@@ -10,7 +10,7 @@ Examples::
         --tensor-model-parallel-size 2
 
 Prints the mean loss per valid token, its perplexity and the token count (see
-``salt_megatron/evaluation.py`` and ``docs/export.md``).
+``salt_megatron/eval/perplexity.py`` and ``docs/export.md``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from salt_megatron.evaluation import main
+from salt_megatron.eval.perplexity import main
 
 if __name__ == "__main__":
     sys.exit(main())

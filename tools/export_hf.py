@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from salt_megatron.export_hf import main
+from salt_megatron.hf.exporter import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from salt_megatron.import_hf import main
+from salt_megatron.hf.importer import main
 
 if __name__ == "__main__":
     sys.exit(main())

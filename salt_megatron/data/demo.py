@@ -17,7 +17,8 @@ from salt_megatron.data.corpus import iter_texts, write_stdlib_corpus
 from salt_megatron.data.errors import DataError
 from salt_megatron.data.indexed import read_tokenizer_record, validate_indexed_dataset
 from salt_megatron.data.preprocess import preprocess_files
-from salt_megatron.data.tokenizer import file_sha256, train_tokenizer
+from salt_megatron.data.tokenizer import train_tokenizer
+from salt_megatron.data.tokenizer_base import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from salt_megatron.data.errors import DataError
-from salt_megatron.data.tokenizer import FingerprintedTokenizer
+from salt_megatron.data.tokenizer_base import FingerprintedTokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")

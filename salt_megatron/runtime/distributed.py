@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,15 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
     return rank, world_size
+
+
+def init_world() -> int:
+    """Start torch.distributed (torchrun's env, or a world of 1 on a free port); the world size."""
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    return init_distributed()[1]
 
 
 def destroy_distributed() -> None:

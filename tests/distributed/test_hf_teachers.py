@@ -7,7 +7,7 @@ QK norms), each embedding 512 rows as Qwen pads its vocabulary, and computes the
 ranks then:
 
 1. import every model with ``import_hf.convert`` and check the round trip through
-   ``hf_format.megatron_to_hf`` is bitwise; write a Qwen2 export from a generated config;
+   ``hf.format.megatron_to_hf`` is bitwise; write a Qwen2 export from a generated config;
 2. build each as a teacher inside a student TP group of 2 at teacher TP 1 (student padded
    vocabulary 504) and teacher TP 2 (padded 800): logits equal transformers' on the 500 real
    columns, PAD_LOGIT elsewhere, and the KD loss equals the dense float64 reference over the
@@ -108,9 +108,9 @@ def _import_and_round_trip(spec: dict[str, Any]) -> dict[str, Any]:
     from salt_megatron.checkpoint import layout
     from salt_megatron.checkpoint.untrusted import load_weights
     from salt_megatron.config import megatron as mcfg
-    from salt_megatron.export_hf import write_hf_folder
-    from salt_megatron.hf_format import megatron_to_hf
-    from salt_megatron.import_hf import convert, plan_import
+    from salt_megatron.hf.exporter import write_hf_folder
+    from salt_megatron.hf.format import megatron_to_hf
+    from salt_megatron.hf.importer import convert, plan_import
     from salt_megatron.models.gpt import build_gpt
     from salt_megatron.parallel.state import reseed
 
@@ -207,10 +207,10 @@ def _save_megatron_lm(spec: dict[str, Any], root: str, tp: int, pp: int, vpp: in
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from salt_megatron.checkpoint import layout, trainer_state
+    from salt_megatron.checkpoint.saved import saved_model_config
     from salt_megatron.checkpoint.untrusted import load_weights
     from salt_megatron.config import megatron as mcfg
     from salt_megatron.config.schema import DataConfig, ParallelConfig, SaltConfig
-    from salt_megatron.evaluation import saved_model_config
     from salt_megatron.models.student import build_student_chunks
     from salt_megatron.parallel.state import init_student_parallel
     from tests.unit.test_teacher_sources import megatron_lm_args

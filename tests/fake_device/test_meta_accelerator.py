@@ -9,7 +9,7 @@ One launch of two ranks, "meta posing as CUDA" (:mod:`tests.fake_device.harness`
   LayerNorm (modules megatron leaves on the host), DataLoader workers with pinned memory,
   teacher TP 1 (replicas split the micro-batch, hidden states all-gathered), 2 KD steps (with
   a teacher-label-loss KD gate), the teacher's release, 1 plain step, validation; then
-  ``evaluation.loss_sums``;
+  ``eval.perplexity.loss_sums``;
 * the trainer on stored teacher targets (``--kd-targets``, no teacher built): the same student,
   2 KD steps with the sparse loss (and a teacher-confidence KD gate), 1 plain step.
 * the trainer at PP 2 (1F1B, bf16, 4 micro-batches): 2 KD steps with the teacher balanced over
@@ -133,7 +133,7 @@ def _check_scoring(root: str, tmp: str) -> dict[str, Any]:
 def _check_training(root: str) -> dict[str, Any]:
     from megatron.core import parallel_state as mpu
 
-    from salt_megatron.evaluation import loss_sums
+    from salt_megatron.eval.perplexity import loss_sums
     from salt_megatron.training.data import build_run_data
     from salt_megatron.training.trainer import Trainer
 

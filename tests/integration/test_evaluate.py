@@ -101,7 +101,7 @@ def test_refuses_another_tokenizer(
     trained: tuple[Path, str, str, float], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from salt_megatron.data.tokenizer import train_tokenizer
-    from salt_megatron.evaluation import main
+    from salt_megatron.eval.perplexity import main
 
     root, _, prefix, _ = trained
     texts = [f"other text number {i} with words" for i in range(200)]

@@ -97,7 +97,7 @@ def _save_tp2(root: str, tokenizer_model: str, tokens: torch.Tensor) -> torch.Te
 
 
 def test_refuses_what_no_architecture_expresses() -> None:
-    from salt_megatron.hf_format import HFFormatError, architecture_for
+    from salt_megatron.hf.format import HFFormatError, architecture_for
 
     with pytest.raises(HFFormatError, match=r"LayerNorm.*SwiGLU.*learned_absolute"):
         architecture_for(

@@ -156,11 +156,11 @@ def test_train_bpe_is_deterministic(corpus: Path, tok_dir: Path, tmp_path: Path)
 
 def test_evaluation_reads_the_saved_tokenizer_kind(tok_dir: Path, corpus: Path) -> None:
     """tools/evaluate.py and export_hf.py reopen the tokenizer a checkpoint was trained with."""
-    from salt_megatron.evaluation import EvalError, check_tokenizer
+    from salt_megatron.checkpoint.saved import LoadError, check_tokenizer
 
     tok = HuggingFaceTokenizer(tok_dir)
     data = {"tokenizer_model": str(tok_dir), "tokenizer_type": "HuggingFaceTokenizer"}
     meta = {"config": {"data": data}, "tokenizer_fingerprint": tok.fingerprint}
     assert check_tokenizer(meta, "ckpt", None).fingerprint == tok.fingerprint
-    with pytest.raises(EvalError, match="is not the tokenizer the checkpoint was trained with"):
+    with pytest.raises(LoadError, match="is not the tokenizer the checkpoint was trained with"):
         check_tokenizer({**meta, "tokenizer_fingerprint": "f" * 64}, "ckpt", None)

@@ -23,7 +23,7 @@ from salt_megatron.checkpoint.untrusted import (
     read_common_state,
 )
 from salt_megatron.config import parse_config
-from salt_megatron.hf_format import (
+from salt_megatron.hf.format import (
     HFFormatError,
     architecture_for,
     merge_qkv,
@@ -178,7 +178,7 @@ def test_rope_variants_equal_transformers() -> None:
 def test_sharded_safetensors_are_read_by_name(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from salt_megatron.import_hf import SafetensorsReader
+    from salt_megatron.hf.importer import SafetensorsReader
 
     a, b = torch.arange(4.0), torch.ones(2, 2)
     save_file({"a": a}, tmp_path / "model-00001-of-00002.safetensors")

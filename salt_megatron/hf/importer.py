@@ -2,8 +2,8 @@
 
     python tools/import_hf.py --hf-dir hf/Qwen2.5-0.5B --output ckpt/qwen2.5-0.5b
 
-Supported: Llama (1/2/3.x), Mistral, Qwen2/2.5, Qwen3 (see :mod:`salt_megatron.hf_format`, the
-mapping :mod:`salt_megatron.export_hf` shares). The weights are read from ``model.safetensors``
+Supported: Llama (1/2/3.x), Mistral, Qwen2/2.5, Qwen3 (see :mod:`salt_megatron.hf.format`, the
+mapping :mod:`salt_megatron.hf.exporter` shares). The weights are read from ``model.safetensors``
 (or the shards of ``model.safetensors.index.json``; never a pickle), renamed and fused into a
 megatron-core GPT built at TP = PP = 1 (local layer spec, no initialisation), and saved with
 dist-checkpointing under ``<output>/iter_0000000`` like a checkpoint of our trainer, so any
@@ -30,7 +30,7 @@ import torch
 from salt_megatron.checkpoint.layout import CheckpointError
 from salt_megatron.config.schema import DataConfig, ModelConfig, SaltConfig, TrainingConfig
 from salt_megatron.data.errors import DataError
-from salt_megatron.hf_format import (
+from salt_megatron.hf.format import (
     IGNORED_HF_WEIGHTS,
     HFFormatError,
     HFModel,
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
 def _convert_in_one_process(plan: ImportPlan, output: str) -> ImportSummary:
     from megatron.core import parallel_state as mpu
 
-    from salt_megatron.evaluation import init_world
     from salt_megatron.runtime import destroy_distributed
+    from salt_megatron.runtime.distributed import init_world
 
     if init_world() != 1:
         raise CheckpointError("import_hf runs in one process (plain python, not torchrun)")

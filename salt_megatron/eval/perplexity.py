@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -26,119 +25,25 @@ from typing import Any
 
 import torch
 
-from salt_megatron.checkpoint import files, layout
 from salt_megatron.checkpoint.layout import CheckpointError
+from salt_megatron.checkpoint.saved import (
+    LoadError,
+    check_tokenizer,
+    load_weights,
+    resolve,
+    saved_bf16,
+    saved_model_config,
+    saved_padded_vocab,
+)
 from salt_megatron.config.schema import (
     ConfigError,
     DataConfig,
-    ModelConfig,
     ParallelConfig,
     SaltConfig,
     TrainingConfig,
 )
 
 SPLITS = ("train", "valid", "test")
-
-
-class EvalError(ValueError):
-    """The evaluation cannot run as asked; the message names the flag or the path."""
-
-
-# ---- checkpoint ------------------------------------------------------------------------------
-def resolve(root: str, step: int | None = None) -> files.Resolved:
-    """The verified checkpoint under ``root``: the tracker's latest, or ``iter_<step>``."""
-    if not os.path.isdir(root):
-        raise CheckpointError(f"--load {root}: no such directory")
-    if step is None:
-        step = layout.read_latest_step(root)
-        if step is None:
-            raise CheckpointError(f"--load {root}: no {layout.TRACKER_FILE}; not a checkpoint")
-    path = layout.iteration_dir(root, step)
-    if not os.path.isdir(path):
-        have = ", ".join(str(s) for s in layout.saved_steps(root)) or "none"
-        raise CheckpointError(f"--load {root}: no checkpoint of step {step} (saved steps: {have})")
-    return files.Resolved(step, path, files.verify(path))
-
-
-def saved_model_config(meta: dict[str, Any], path: str) -> ModelConfig:
-    """The model shape saved in ``salt_meta.json`` (unknown keys ignored, dropout off)."""
-    saved = (meta.get("config") or {}).get("model")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}/{layout.META_FILE}: no saved model config")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    try:
-        model = ModelConfig(**{k: v for k, v in saved.items() if k in known})
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{path}/{layout.META_FILE}: bad saved model config: {exc}") from None
-    return dataclasses.replace(model, hidden_dropout=0.0, attention_dropout=0.0)
-
-
-def saved_padded_vocab(meta: dict[str, Any], path: str, tp: int) -> int:
-    """The checkpoint's padded vocabulary (its embedding rows); must divide by ``tp``."""
-    padded = meta.get("padded_vocab_size")
-    if padded is None:
-        raise CheckpointError(f"{path}/{layout.META_FILE}: padded_vocab_size is missing")
-    if int(padded) % tp:
-        raise EvalError(
-            f"--tensor-model-parallel-size {tp} does not divide the checkpoint's padded "
-            f"vocabulary {padded}"
-        )
-    return int(padded)
-
-
-def saved_bf16(meta: dict[str, Any]) -> bool:
-    """Whether the checkpoint was trained (and its weights kept) in bfloat16."""
-    return bool(((meta.get("config") or {}).get("training") or {}).get("bf16", False))
-
-
-def check_tokenizer(
-    meta: dict[str, Any], path: str, tokenizer_model: str | None, tokenizer_type: str | None = None
-) -> Any:
-    """Load the tokenizer and check its fingerprint against the checkpoint's.
-
-    ``tokenizer_model``/``tokenizer_type`` default to the checkpoint's saved ones.
-    """
-    from salt_megatron.data.tokenizer import load_tokenizer
-
-    saved = (meta.get("config") or {}).get("data") or {}
-    model_path = tokenizer_model or saved.get("tokenizer_model")
-    if not model_path:
-        raise EvalError(f"{path} was saved without a tokenizer model: pass --tokenizer-model")
-    tokenizer = load_tokenizer(model_path, tokenizer_type or saved.get("tokenizer_type"))
-    saved_fp = str(meta.get("tokenizer_fingerprint") or "")
-    if tokenizer.fingerprint != saved_fp:
-        raise EvalError(
-            f"--tokenizer-model {model_path} (fingerprint {tokenizer.fingerprint[:12]}) is not "
-            f"the tokenizer the checkpoint was trained with ({saved_fp[:12] or '<none>'}, "
-            f"{path}/{layout.META_FILE})"
-        )
-    return tokenizer
-
-
-def init_world() -> int:
-    """Start torch.distributed (torchrun's env, or a world of 1 on a free port); the world size."""
-    from salt_megatron.runtime import init_distributed
-
-    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    return init_distributed()[1]
-
-
-def load_weights(chunks: list[Any], path: str) -> None:
-    """Read the model weights of ``path`` into ``chunks`` (built at any layout; collective)."""
-    from megatron.core import dist_checkpointing
-
-    sharded = layout.model_sharded_state_dict(chunks)
-    try:
-        state = dist_checkpointing.load(sharded, path)
-        for key, chunk in zip(list(sharded), chunks, strict=True):
-            layout.unwrap(chunk).load_state_dict(state[key], strict=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: cannot load the weights ({type(exc).__name__}: {exc})"
-        ) from exc
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -186,7 +91,7 @@ def build_dataset(cfg: SaltConfig, split_name: str, n: int | None, tokenizer: An
     )  # fmt: skip
     dataset = splits[SPLITS.index(split_name)]
     if dataset is None or len(dataset) == 0:
-        raise EvalError(f"--split {data.split!r} leaves no {split_name} samples in --data-path")
+        raise LoadError(f"--split {data.split!r} leaves no {split_name} samples in --data-path")
     return dataset
 
 
@@ -291,6 +196,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     from salt_megatron.config import megatron as mcfg
     from salt_megatron.models.student import build_student_chunks
     from salt_megatron.parallel.state import init_student_parallel
+    from salt_megatron.runtime.distributed import init_world
 
     ckpt = resolve(args.load, args.step)
     cfg = eval_config(args, ckpt.meta, ckpt.path)
@@ -300,7 +206,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     padded = saved_padded_vocab(ckpt.meta, ckpt.path, cfg.parallel.tensor_model_parallel_size)
     world = init_world()
     if world % cfg.parallel.model_parallel_size:
-        raise EvalError(f"world size {world} is not divisible by TP x PP")
+        raise LoadError(f"world size {world} is not divisible by TP x PP")
     if not mpu.model_parallel_is_initialized():
         init_student_parallel(cfg.parallel, cfg.training.seed)
     dataset = build_dataset(cfg, args.split_name, args.eval_samples, tokenizer)
@@ -348,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run(args)
-    except (EvalError, ConfigError, DataError, CheckpointError) as exc:
+    except (LoadError, ConfigError, DataError, CheckpointError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2
     finally:

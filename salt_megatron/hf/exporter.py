@@ -1,7 +1,7 @@
 """Export a checkpoint to a Hugging Face ``transformers`` folder (config, weights, tokenizer).
 
 The full weights are read by building the model at TP = PP = 1 in one process (a world of 1) and
-loading the dist checkpoint into it (any saved layout), then renamed by :mod:`hf_format` into
+loading the dist checkpoint into it (any saved layout), then renamed by :mod:`.format` into
 Llama's names (Qwen2's with a QKV bias, Qwen3's with QK layernorm; a checkpoint made by
 ``import_hf`` keeps its source architecture and ``config.json``, so the round trip is exact). The
 padded vocabulary rows (megatron pads the embedding to a multiple of 128 x TP) are dropped by
@@ -24,22 +24,22 @@ from typing import Any
 import torch
 
 from salt_megatron.checkpoint.layout import CheckpointError
-from salt_megatron.config.schema import ConfigError, ModelConfig
-from salt_megatron.evaluation import (
-    init_world,
+from salt_megatron.checkpoint.saved import (
     load_weights,
     resolve,
     saved_bf16,
     saved_model_config,
     saved_padded_vocab,
 )
-from salt_megatron.hf_format import (
+from salt_megatron.config.schema import ConfigError, ModelConfig
+from salt_megatron.hf.format import (
     HFFormatError,
     architecture_for,
     hf_config,
     megatron_to_hf,
     model_config_from_hf,
 )
+from salt_megatron.runtime.distributed import init_world
 
 
 class ExportError(ValueError):
@@ -51,7 +51,7 @@ def target_architecture(model: ModelConfig, meta: dict[str, Any]) -> tuple[str, 
 
     An imported checkpoint keeps its original architecture and ``config.json`` (so that
     ``export(import(x)) == x``) as long as that config still describes ``model``; anything else
-    gets the architecture :func:`hf_format.architecture_for` picks.
+    gets the architecture :func:`salt_megatron.hf.format.architecture_for` picks.
     """
     source = (meta.get("source") or {}).get("config")
     if isinstance(source, dict):
@@ -153,7 +153,7 @@ def export(
     keep_padded_vocab: bool = False,
 ) -> ExportSummary:
     """Export the checkpoint under ``load`` (its latest, or ``step``) to the folder ``out``."""
-    from salt_megatron.evaluation import check_tokenizer
+    from salt_megatron.checkpoint.saved import check_tokenizer
 
     ckpt = resolve(load, step)
     model = saved_model_config(ckpt.meta, ckpt.path)
@@ -212,8 +212,8 @@ def write_hf_folder(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line of ``tools/export_hf.py``; the exit code."""
+    from salt_megatron.checkpoint.saved import LoadError
     from salt_megatron.data.errors import DataError
-    from salt_megatron.evaluation import EvalError
 
     p = argparse.ArgumentParser(prog="export_hf.py", description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="checkpoint root (as written by --save)")
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = export(
             args.load, args.out, args.step, args.tokenizer_model, args.keep_padded_vocab
         )
-    except (ExportError, HFFormatError, EvalError, ConfigError, DataError, CheckpointError) as exc:
+    except (ExportError, HFFormatError, LoadError, ConfigError, DataError, CheckpointError) as exc:
         print(f"export_hf.py: error: {exc}", file=sys.stderr)
         return 2
     print(

@@ -1,0 +1,1 @@
+"""Evaluation of saved students: perplexity on held-out data (:mod:`.perplexity`)."""
