@@ -143,7 +143,7 @@ def _stdlib_sources(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _module_docstrings(path: Path, module: str) -> Iterator[tuple[str, str]]:
+def module_docstrings(path: Path, module: str) -> Iterator[tuple[str, str]]:
     """``(qualified name, docstring)`` of the module, classes and functions in ``path``."""
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
@@ -176,7 +176,7 @@ def stdlib_docstrings(min_chars: int = 40) -> Iterator[dict[str, str]]:
         rel = path.relative_to(root).with_suffix("")
         parts = [p for p in rel.parts if p != "__init__"]
         module = ".".join(parts) or rel.name
-        for name, doc in _module_docstrings(path, module):
+        for name, doc in module_docstrings(path, module):
             if len(doc) < min_chars or doc in seen:
                 continue
             seen.add(doc)
