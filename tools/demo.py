@@ -10,7 +10,8 @@
 5. a table: final validation loss of each, the step at which each SALT student first reaches the
    baseline's final validation loss and the training wall-clock to get there, without and with
    the one-off costs (teacher training, the targets pass); a PNG of validation loss against
-   step and wall-clock; TensorBoard logs under ``runs/demo``.
+   step and wall-clock; TensorBoard logs under ``runs/demo``; every student's final checkpoint in
+   ``<out>/<run>/ckpt`` (what ``tools/downstream.py`` fine-tunes and evaluates).
 
     python tools/demo.py            # about 20 minutes on 2 idle cores
     python tools/demo.py --quick    # a couple of minutes (the integration test)
@@ -95,13 +96,19 @@ def main() -> None:
     teacher = train(
         "teacher", "demo_teacher.yaml", [*quick_t, "--save", str(teacher_dir)], out, data
     )
-    base = train("baseline", "demo_student.yaml", [*quick_s, "--kd-steps", "0"], out, data)
-    salt_args = [*quick_s, *shlex.split(args.salt_args)]
-    salt = train("salt", "demo_student.yaml", [*salt_args, "--kd-teacher-load", str(teacher_dir)],
+
+    def save(name: str) -> list[str]:  # the students' final weights (tools/downstream.py)
+        return ["--save", str(out / name / "ckpt")]
+
+    base = train("baseline", "demo_student.yaml", [*quick_s, "--kd-steps", "0", *save("baseline")],
                  out, data)  # fmt: skip
+    salt_args = [*quick_s, *shlex.split(args.salt_args)]
+    online = ["--kd-teacher-load", str(teacher_dir)]
+    salt = train("salt", "demo_student.yaml", [*salt_args, *online, *save("salt")], out, data)
     tpass = store_targets(teacher_dir, salt_args, out / "targets", data)
     offline = train("salt_offline", "demo_student.yaml",
-                    [*salt_args, "--kd-targets", str(out / "targets")], out, data)  # fmt: skip
+                    [*salt_args, "--kd-targets", str(out / "targets"), *save("salt_offline")],
+                    out, data)  # fmt: skip
     one_off = teacher.seconds[-1]
     variants = {
         "SALT, online teacher (forward in every KD step)": (salt, one_off),
