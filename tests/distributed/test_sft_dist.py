@@ -7,7 +7,9 @@ alone (no mask, positions from 0) within :data:`LOGITS_TOL`, for RoPE (megatron 
 ids there; RoPE is relative, so only the float rounding of the rotations differs) and for learned
 absolute positions (the position ids restart per example); the SFT loss of the sequence must equal
 a float64 cross-entropy over the response tokens only, computed from those alone-run logits.
-Then ``run()`` fine-tunes 3 steps: the reference.
+The same process checks the refusals: a bad record without --sft-skip-bad-lines (its file:line),
+a resume from a checkpoint that is not an SFT run's, or one made on another SFT set. Then
+``run()`` fine-tunes 3 steps: the reference.
 
 One world-2 launch: the same SFT at TP 2, PP 2 (1F1B), PP 2 x VPP 2 (a middle chunk: the mask
 reaches every stage), DP 2 with the distributed optimizer, all loading the TP-1 checkpoint: loss
@@ -62,6 +64,9 @@ def make_files(tmp: Path) -> None:
             )
             if k == 59:
                 break
+    lines = (tmp / "sft.jsonl").read_text().splitlines(keepends=True)
+    bad = '{"prompt": "an empty response", "response": ""}\n'
+    (tmp / "bad.jsonl").write_text("".join([*lines[:3], bad, *lines[3:6]]))
 
 
 def _sft_argv(tmp: Path, extra: list[str], metrics: str = "", pretrained: bool = True) -> list[str]:
@@ -150,9 +155,33 @@ def _packed_vs_alone(tmp: Path, extra: list[str], pretrained: bool) -> dict[str,
             start += n
     result |= {"max_diff": max(diffs), "loss_sum": float(loss_sum), "count": int(count),
                "ce64": float(ce), "tokens": tokens}  # fmt: skip
+    if pretrained:
+        result["refusals"] = _refusals(tmp, sft, trainer)
     trainer.close()
     parallel_state.destroy_model_parallel()
     return result
+
+
+def _refusals(tmp: Path, sft: Any, trainer: Any) -> list[str]:
+    """The errors of a bad record (without --sft-skip-bad-lines), of a resume from a checkpoint
+    that is not an SFT run's, and of one made on another SFT set."""
+    from salt_megatron.training.sft import SFTRun
+
+    errors = []
+    changed = {"sft": sft.state()["sft"] | {"sequences": 1}}
+    calls = [
+        lambda: SFTRun(_parse(_sft_argv(tmp, ["--sft-data", str(tmp / "bad.jsonl")])), 1),
+        lambda: sft.start(trainer, 5, {"phase": "plain"}),
+        lambda: sft.start(trainer, 5, changed),
+    ]
+    for call in calls:
+        try:
+            call()
+            errors.append("no error")
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    sft.start(trainer, 5, sft.state())  # its own checkpoint: no error
+    return errors
 
 
 def _mask_and_epochs() -> dict[str, bool]:
@@ -231,7 +260,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_packed_examples_match_alone_and_loss_is_response_ce(
     reference: tuple[Path, dict[str, Any]],
 ) -> None:
-    _, checks = reference
+    tmp, checks = reference
     rope = checks["rope"]  # the pretrained weights were loaded, exactly
     assert rope["loaded"] == checks["pretrained"] != rope["fresh"]
     for kind, tol in LOGITS_TOL.items():
@@ -241,6 +270,10 @@ def test_packed_examples_match_alone_and_loss_is_response_ce(
         assert got["count"] == got["tokens"]
         assert got["loss_sum"] == pytest.approx(got["ce64"], rel=1e-6), kind
     assert checks["mask"] and checks["epochs"]
+    bad_record, not_sft, changed = rope["refusals"]
+    assert bad_record.startswith(f"DataError: {tmp / 'bad.jsonl'}:4: empty response"), bad_record
+    assert not_sft.startswith("CheckpointError: --load None holds a checkpoint that is not an SFT")
+    assert changed.startswith("DataError: --load None: its SFT set") and "another order" in changed
 
 
 def _steps(path: Path) -> tuple[list[tuple[float, float]], float]:
