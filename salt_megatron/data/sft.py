@@ -206,11 +206,17 @@ def read_examples(
     for lineno, raw in iter_lines(path):
         where = f"{path}:{lineno}"
         try:
-            record = parse_record(raw, where)
+            examples.append(_encode_line(raw, where, tokenizer))
         except DataError as exc:
             if not skip_bad_lines:
                 raise
             bad.add(str(exc))
-            continue
-        examples.append(encode_record(record, tokenizer, where))
     return examples, bad
+
+
+def _encode_line(raw: bytes, where: str, tokenizer: Any) -> Example:
+    record = parse_record(raw, where)
+    try:
+        return encode_record(record, tokenizer, where)
+    except ValueError as exc:  # the tokenizer's own refusal (DataError is one)
+        raise DataError(f"{where}: cannot tokenize ({exc})") from None

@@ -87,6 +87,8 @@ class SFTRun:
     def _tokenizer(self, cfg: SaltConfig) -> Any:
         root = cfg.sft.pretrained_checkpoint
         if not root:
+            if not cfg.data.tokenizer_model:
+                raise ConfigError("--sft needs --tokenizer-model, or --pretrained-checkpoint's")
             self.reports.append("no --pretrained-checkpoint: fine-tuning from random weights")
             return build_tokenizer(cfg)
         self.pretrained = resolve(root, flag="--pretrained-checkpoint")

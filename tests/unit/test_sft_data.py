@@ -130,8 +130,11 @@ def test_bad_record_names_file_and_line_or_is_skipped(case: str, tmp_path: Path)
     assert bad.count == 1 and bad.examples[0].startswith(f"{path}:3: ")
 
 
-def test_undecodable_missing_and_empty_files(tmp_path: Path) -> None:
+def test_undecodable_untokenizable_missing_and_empty_files(tmp_path: Path) -> None:
     path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "1", "response": "2 99"}\n')  # 99: outside the null vocabulary
+    with pytest.raises(DataError, match=rf"^{path}:1: cannot tokenize \(ids \[99\] outside"):
+        read_examples(str(path), NULL)
     path.write_bytes(b'{"prompt": "1", "response": "\xff"}\n')
     with pytest.raises(DataError, match=rf"{path}:1: not valid UTF-8"):
         read_examples(str(path), NULL)
