@@ -11,10 +11,11 @@ The same process checks the refusals: a bad record without --sft-skip-bad-lines 
 a resume from a checkpoint that is not an SFT run's, or one made on another SFT set. Then
 ``run()`` fine-tunes 3 steps: the reference.
 
-One world-2 launch: the same SFT at TP 2, PP 2 (1F1B), PP 2 x VPP 2 (a middle chunk: the mask
-reaches every stage), DP 2 with the distributed optimizer, all loading the TP-1 checkpoint: loss
-and grad norm of each step and the final validation loss within 1e-5 of TP 1. With bf16 (DP 2,
-distributed optimizer: float32 main weights copied from the loaded bf16 ones) within 2e-2.
+One world-2 launch: the same SFT at TP 2, TP 2 with sequence parallelism, PP 2 (1F1B), PP 2 x
+VPP 2 (a middle chunk: the mask reaches every stage), DP 2 with the distributed optimizer, all
+loading the TP-1 checkpoint: loss and grad norm of each step and the final validation loss within
+1e-5 of TP 1. With bf16 (DP 2, distributed optimizer: float32 main weights copied from the loaded
+bf16 ones) within 2e-2 (without that copy, step 2 is 0.7 above TP 1: the random initial weights).
 """
 
 from __future__ import annotations
@@ -242,6 +243,7 @@ def _world2(tmp: Path) -> None:
 
 LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
     "pp2_vpp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size",
                  "2"],
@@ -266,6 +268,7 @@ def test_packed_examples_match_alone_and_loss_is_response_ce(
     for kind, tol in LOGITS_TOL.items():
         got = checks[kind]
         assert got["members"] >= 3 and got["fill"] < 64, got  # several examples, and padding
+        print(f"{kind}: max |logits packed - alone| {got['max_diff']:.2e} (tolerance {tol})")
         assert got["max_diff"] <= tol, (kind, got["max_diff"])
         assert got["count"] == got["tokens"]
         assert got["loss_sum"] == pytest.approx(got["ce64"], rel=1e-6), kind
