@@ -62,9 +62,9 @@ class SFTRun:
             self.tokenizer = self._tokenizer(cfg)
         except LoadError as exc:
             raise ConfigError(str(exc)) from None
-        examples = self._read(sft.sft_data, cfg)  # type: ignore[arg-type]
+        examples = self._read(sft.sft_data, cfg, "--sft-data")  # type: ignore[arg-type]
         if sft.sft_valid_data:
-            valid = self._read(sft.sft_valid_data, cfg)
+            valid = self._read(sft.sft_valid_data, cfg, "--sft-valid-data")
         elif sft.sft_valid_fraction > 0:
             examples, valid = split_held_out(examples, sft.sft_valid_fraction, cfg.training.seed)
         else:
@@ -97,7 +97,9 @@ class SFTRun:
         self.padded_vocab = saved_padded_vocab(meta, path, cfg.parallel.tensor_model_parallel_size)
         return tokenizer
 
-    def _read(self, path: str, cfg: SaltConfig) -> list[Example]:
+    def _read(self, path: str, cfg: SaltConfig, flag: str) -> list[Example]:
+        if not os.path.isfile(path):
+            raise DataError(f"{flag} {path}: no such file")
         examples, bad = read_examples(path, self.tokenizer, cfg.sft.sft_skip_bad_lines)
         kept, too_long = fit(examples, cfg.data.seq_length)
         line = f"{path}: {len(examples) + bad.count} records"

@@ -164,14 +164,15 @@ def _packed_vs_alone(tmp: Path, extra: list[str], pretrained: bool) -> dict[str,
 
 
 def _refusals(tmp: Path, sft: Any, trainer: Any) -> list[str]:
-    """The errors of a bad record (without --sft-skip-bad-lines), of a resume from a checkpoint
-    that is not an SFT run's, and of one made on another SFT set."""
+    """The errors of a bad record (without --sft-skip-bad-lines), a missing --sft-data, a resume
+    from a checkpoint that is not an SFT run's, and of one made on another SFT set."""
     from salt_megatron.training.sft import SFTRun
 
     errors = []
     changed = {"sft": sft.state()["sft"] | {"sequences": 1}}
     calls = [
         lambda: SFTRun(_parse(_sft_argv(tmp, ["--sft-data", str(tmp / "bad.jsonl")])), 1),
+        lambda: SFTRun(_parse(_sft_argv(tmp, ["--sft-data", str(tmp / "absent.jsonl")])), 1),
         lambda: sft.start(trainer, 5, {"phase": "plain"}),
         lambda: sft.start(trainer, 5, changed),
     ]
@@ -273,7 +274,8 @@ def test_packed_examples_match_alone_and_loss_is_response_ce(
         assert got["count"] == got["tokens"]
         assert got["loss_sum"] == pytest.approx(got["ce64"], rel=1e-6), kind
     assert checks["mask"] and checks["epochs"]
-    bad_record, not_sft, changed = rope["refusals"]
+    bad_record, absent, not_sft, changed = rope["refusals"]
+    assert absent == f"DataError: --sft-data {tmp / 'absent.jsonl'}: no such file", absent
     assert bad_record.startswith(f"DataError: {tmp / 'bad.jsonl'}:4: empty response"), bad_record
     assert not_sft.startswith("CheckpointError: --load None holds a checkpoint that is not an SFT")
     assert changed.startswith("DataError: --load None: its SFT set") and "another order" in changed
