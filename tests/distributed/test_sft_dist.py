@@ -5,10 +5,11 @@ One world-1 launch: a tiny GPT is pretrained (plain LM, 8 steps) and saved; an S
 step, every example of a packed sequence (with padding) must give the logits of that example run
 alone (no mask, positions from 0) within :data:`LOGITS_TOL`, for RoPE (megatron ignores position
 ids there; RoPE is relative, so only the float rounding of the rotations differs) and for learned
-absolute positions (the position ids restart per example); the SFT loss of the sequence must equal
-a float64 cross-entropy over the response tokens only, computed from those alone-run logits.
-The same process checks the refusals: a bad record without --sft-skip-bad-lines (its file:line),
-a resume from a checkpoint that is not an SFT run's, or one made on another SFT set. Then
+absolute positions (the position ids restart per example; other matmul shapes round differently:
+1.8e-7 measured); the SFT loss of the sequence must equal a float64 cross-entropy over the
+response tokens only, computed from those alone-run logits. The same process checks the refusals:
+a bad record without --sft-skip-bad-lines (its file:line), a missing --sft-data, a resume from a
+checkpoint that is not an SFT run's, or one made on another SFT set. Then
 ``run()`` fine-tunes 3 steps: the reference.
 
 One world-2 launch: the same SFT at TP 2, TP 2 with sequence parallelism, PP 2 (1F1B), PP 2 x
@@ -32,7 +33,7 @@ from tests.integration.conftest import read_metrics
 
 pytestmark = pytest.mark.distributed
 
-LOGITS_TOL = {"rope": 1e-5, "learned_absolute": 1e-6}
+LOGITS_TOL = {"rope": 1e-5, "learned_absolute": 2e-6}
 SHAPE = [
     "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
     "--num-query-groups", "2", "--seq-length", "64", "--make-vocab-size-divisible-by", "8",
