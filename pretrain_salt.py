@@ -2,12 +2,15 @@
 
     torchrun --nproc_per_node 2 pretrain_salt.py --config examples/configs/tiny_cpu.yaml \
         --tensor-model-parallel-size 2
+    pretrain_salt.py --sft --sft-data train.jsonl --pretrained-checkpoint ckpt --save sft_ckpt \
+        --sft-epochs 3          # supervised fine-tuning (docs/sft.md)
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from salt_megatron.config import ConfigError, parse_config
 
@@ -19,10 +22,20 @@ EXIT_INPUT = 5
 """Exit code for bad data, tokenizer or teacher input found after start-up."""
 
 
+def _pretrained_defaults(values: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """--pretrained-checkpoint's model shape and tokenizer where not given (reads it only then:
+    the checkpoint reader imports torch)."""
+    if not (values.get("sft") or {}).get("pretrained_checkpoint"):
+        return values
+    from salt_megatron.checkpoint.saved import pretrained_defaults
+
+    return pretrained_defaults(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one training job; returns the process exit code."""
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv, fill=_pretrained_defaults)
         cfg.validate_world(int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:
         print(f"pretrain_salt.py: error: {exc}", file=sys.stderr)

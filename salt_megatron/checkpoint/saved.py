@@ -21,18 +21,19 @@ class LoadError(ValueError):
     """A saved model cannot be used as asked (layout, tokenizer); the message names the flag."""
 
 
-def resolve(root: str, step: int | None = None) -> files.Resolved:
-    """The verified checkpoint under ``root``: the tracker's latest, or ``iter_<step>``."""
+def resolve(root: str, step: int | None = None, flag: str = "--load") -> files.Resolved:
+    """The verified checkpoint under ``root`` (given as ``flag``): the tracker's latest, or
+    ``iter_<step>``."""
     if not os.path.isdir(root):
-        raise CheckpointError(f"--load {root}: no such directory")
+        raise CheckpointError(f"{flag} {root}: no such directory")
     if step is None:
         step = layout.read_latest_step(root)
         if step is None:
-            raise CheckpointError(f"--load {root}: no {layout.TRACKER_FILE}; not a checkpoint")
+            raise CheckpointError(f"{flag} {root}: no {layout.TRACKER_FILE}; not a checkpoint")
     path = layout.iteration_dir(root, step)
     if not os.path.isdir(path):
         have = ", ".join(str(s) for s in layout.saved_steps(root)) or "none"
-        raise CheckpointError(f"--load {root}: no checkpoint of step {step} (saved steps: {have})")
+        raise CheckpointError(f"{flag} {root}: no checkpoint of step {step} (saved steps: {have})")
     return files.Resolved(step, path, files.verify(path))
 
 
@@ -47,6 +48,35 @@ def saved_model_config(meta: dict[str, Any], path: str) -> ModelConfig:
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}/{layout.META_FILE}: bad saved model config: {exc}") from None
     return dataclasses.replace(model, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+PRETRAINED_DATA_FIELDS = ("tokenizer_model", "tokenizer_type", "seq_length")
+"""``data`` fields that default to a pretrained checkpoint's (with every ``model`` field)."""
+
+
+def pretrained_defaults(values: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The config values given (``{section: {field: value}}``), completed from the checkpoint of
+    ``--pretrained-checkpoint`` under ``--sft``: every model field, the tokenizer and
+    ``--seq-length`` that were not given take its saved values (``parse_config``'s ``fill``).
+    A checkpoint that cannot be read is a ConfigError naming the flag."""
+    sft = values.get("sft") or {}
+    root = sft.get("pretrained_checkpoint")
+    if not sft.get("sft") or not root:
+        return values
+    try:
+        meta = resolve(root, flag="--pretrained-checkpoint").meta
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    saved = meta.get("config") or {}
+    known = {"model": [f.name for f in dataclasses.fields(ModelConfig)],
+             "data": PRETRAINED_DATA_FIELDS}  # fmt: skip
+    filled = {section: dict(fields) for section, fields in values.items()}
+    for section, names in known.items():
+        saved_section = saved.get(section) or {}
+        for name in names:
+            if name in saved_section:
+                filled.setdefault(section, {}).setdefault(name, saved_section[name])
+    return filled
 
 
 def saved_padded_vocab(meta: dict[str, Any], path: str, tp: int) -> int:

@@ -11,6 +11,7 @@ from salt_megatron.config.schema import (
     OptimConfig,
     ParallelConfig,
     SaltConfig,
+    SFTConfig,
     TeacherModelConfig,
     TrainingConfig,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "SFTConfig",
     "SaltConfig",
     "TeacherModelConfig",
     "TrainingConfig",

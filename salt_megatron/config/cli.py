@@ -17,12 +17,14 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import yaml
 
 from salt_megatron.config.schema import ConfigError, SaltConfig
+from salt_megatron.config.sft import check_given
 
 #: Flag prefix of each section (the teacher reuses the model's fields).
 SECTION_PREFIX = {"teacher": "teacher-"}
@@ -180,8 +182,18 @@ def from_dict(values: dict[str, dict[str, Any]]) -> SaltConfig:
     return SaltConfig(**built)
 
 
-def parse_config(argv: list[str] | None = None) -> SaltConfig:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into a validated :class:`SaltConfig`."""
+Values = dict[str, dict[str, Any]]
+"""``{section: {field: value}}``: the values given (YAML, then flags), before defaults."""
+
+
+def parse_config(
+    argv: list[str] | None = None, fill: Callable[[Values], Values] | None = None
+) -> SaltConfig:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into a validated :class:`SaltConfig`.
+
+    ``fill`` may add defaults to the values given before the tree is built (it sees only what the
+    YAML file and the flags set): e.g. the model shape of ``--pretrained-checkpoint``.
+    """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     values = _read_yaml(args.config) if args.config else {}
     for dest, value in vars(args).items():
@@ -189,7 +201,8 @@ def parse_config(argv: list[str] | None = None) -> SaltConfig:
             continue
         section, name = dest.split(".", 1)
         values.setdefault(section, {})[name] = value
-    return from_dict(values)
+    check_given(values)
+    return from_dict(fill(values) if fill is not None else values)
 
 
 def to_dict(cfg: SaltConfig) -> dict[str, dict[str, Any]]:

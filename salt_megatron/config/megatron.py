@@ -75,6 +75,7 @@ def transformer_config(
     tp_only_amax_red: bool = False,
     host_init: bool | None = None,
     recompute: dict[str, Any] | None = None,
+    packed: bool = False,
 ) -> TransformerConfig:
     """A megatron-core ``TransformerConfig`` for one model under a (TP, PP, VPP) layout.
 
@@ -87,9 +88,16 @@ def transformer_config(
     ``host_init``: initialise weights on the CPU (``use_cpu_initialization``); default: only
     without a GPU. Tools that build a whole model in one process (export) pass True.
     ``recompute``: the activation recomputation fields (:func:`recompute_fields`).
+    ``packed``: the model is fed block-diagonal attention masks (packed SFT sequences):
+    megatron's fused softmax is off, because for causal attention its kernel
+    (``ScaledUpperTriangMaskedSoftmax``) applies its own causal mask and ignores the given one;
+    the unfused softmax uses the given mask.
     """
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
+    fused = fusions(model, on_gpu, fused_kernels())
+    if packed:
+        fused["masked_softmax_fusion"] = False
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -122,7 +130,7 @@ def transformer_config(
         # workaround for PyTorch releases before the ones setup.cfg admits (torch >= 2.4).
         batch_p2p_sync=False,
         deallocate_pipeline_outputs=True,
-        **fusions(model, on_gpu, fused_kernels()),
+        **fused,
         use_cpu_initialization=not on_gpu if host_init is None else host_init,
         fp8=fp8_format,
         fp8_recipe=fp8_recipe,
@@ -155,6 +163,7 @@ def student_transformer_config(cfg: SaltConfig) -> TransformerConfig:
         fp8_format=cfg.training.fp8_format,
         fp8_recipe=cfg.training.fp8_recipe,
         recompute=recompute_fields(cfg.training),
+        packed=cfg.sft.sft,
     )
 
 

@@ -13,11 +13,12 @@ from typing import ClassVar, Literal
 from salt_megatron.config.base import ConfigError, check, check_positive, flag
 from salt_megatron.config.distill import DistillConfig
 from salt_megatron.config.model import ModelConfig, TeacherModelConfig
+from salt_megatron.config.sft import SFTConfig, check_sft_run
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DistillConfig", "LoggingConfig",
-    "ModelConfig", "OptimConfig", "ParallelConfig", "SaltConfig", "TeacherModelConfig",
-    "TrainingConfig",
+    "ModelConfig", "OptimConfig", "ParallelConfig", "SFTConfig", "SaltConfig",
+    "TeacherModelConfig", "TrainingConfig",
 ]  # fmt: skip
 
 
@@ -373,6 +374,7 @@ class SaltConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
         par = self.parallel
@@ -396,10 +398,13 @@ class SaltConfig:
             f"--fp8-format {self.training.fp8_format} needs --transformer-impl "
             "transformer_engine (FP8 runs in Transformer Engine's layers)",
         )
-        check(
-            self.data.mock_data or bool(self.data.data_path),
-            "--data-path is required unless --mock-data is set",
-        )
+        if self.sft.sft:
+            check_sft_run(self)
+        else:
+            check(
+                self.data.mock_data or bool(self.data.data_path),
+                "--data-path is required unless --mock-data is set",
+            )
         check(
             not par.grad_reduce_in_bf16 or self.training.bf16,
             "--grad-reduce-in-bf16 needs --bf16 (float32 training reduces float32 gradients)",

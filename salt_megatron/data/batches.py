@@ -23,6 +23,8 @@ from salt_megatron.data.teacher_targets import TARGET_KEYS
 
 Batch = dict[str, torch.Tensor]
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+SEGMENT_KEY = "segment_ids"
+"""Packed SFT samples' per-position example index ``[s]`` (:mod:`salt_megatron.data.sft_pack`)."""
 
 
 def sample_indices(
@@ -43,7 +45,8 @@ def sample_indices(
 
 def collate(samples: Sequence[dict[str, Any]]) -> Batch:
     """Stack GPTDataset samples into ``{key: [b, s]}`` tensors (tokens/position_ids int64), plus
-    the stored teacher targets when the samples carry them (``[b, s, k]`` / ``[b, s]``)."""
+    the stored teacher targets when the samples carry them (``[b, s, k]`` / ``[b, s]``) and
+    packed SFT samples' ``segment_ids`` (``[b, s]`` int64)."""
     batch: Batch = {}
     for key in _KEYS:
         column = [torch.as_tensor(s[key]) for s in samples]
@@ -55,6 +58,8 @@ def collate(samples: Sequence[dict[str, Any]]) -> Batch:
     for key in TARGET_KEYS:  # stored teacher targets (TargetsDataset), kept in their dtypes
         if key in samples[0]:
             batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
+    if SEGMENT_KEY in samples[0]:  # packed SFT sequences: the example of each position
+        batch[SEGMENT_KEY] = torch.stack([torch.as_tensor(s[SEGMENT_KEY]) for s in samples]).long()
     return batch
 
 

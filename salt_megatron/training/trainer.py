@@ -27,7 +27,7 @@ from salt_megatron.training.logger import MetricsWriter, log, setup_console
 from salt_megatron.training.optimizer import build_optimizer, build_scheduler, guarded_step
 from salt_megatron.training.phase import KDPhase
 from salt_megatron.training.profiling import StepProfiler
-from salt_megatron.training.step import METRICS, lm_forward_step, sum_reports
+from salt_megatron.training.step import METRICS, lm_forward_step, sft_forward_step, sum_reports
 from salt_megatron.training.tracking import require_wandb, start_wandb
 
 
@@ -74,6 +74,9 @@ class Trainer:
     ``kd_train`` an optional separate training set for the KD phase (SALT_DS selection).
     ``tokenizer_fingerprint`` identifies the tokenizer (checked against the teacher's);
     ``kd_targets`` a :class:`~salt_megatron.data.teacher_targets.TargetStore` (``--kd-targets``).
+    ``padded_vocab`` overrides the padded vocabulary (a pretrained checkpoint's, under ``--sft``).
+    With ``--sft`` the datasets hold packed sequences: every pipeline stage reads them (for the
+    attention mask) and :func:`~salt_megatron.training.step.sft_forward_step` runs them.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class Trainer:
         kd_train: Any | None = None,
         tokenizer_fingerprint: str = "",
         kd_targets: Any | None = None,
+        padded_vocab: int | None = None,
     ) -> None:
         self.cfg = cfg
         check_fp8(cfg.training.fp8_format, cfg.training.fp8_recipe)  # before any group exists
@@ -93,7 +97,8 @@ class Trainer:
         self.is_logging_rank = dist.get_rank() == self.world_size - 1
         setup_console(self.is_logging_rank)
         self.vocab_size = vocab_size
-        self.padded_vocab = mcfg.padded_vocab_size(
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.padded_vocab = padded_vocab or mcfg.padded_vocab_size(
             vocab_size, cfg.model.make_vocab_size_divisible_by, self.layout.tp
         )
         self.tf_config = mcfg.student_transformer_config(cfg)
@@ -113,6 +118,13 @@ class Trainer:
         self.tokens_seen = 0
         self.after_step: Callable[[], bool] | None = None
         """Called after each step (and its log/eval); True stops training (the checkpointer)."""
+        self.packed = cfg.sft.sft
+        self.base_step = sft_forward_step if self.packed else lm_forward_step
+        """The forward step outside the KD phase (and of every evaluation)."""
+        self.eval_iters = cfg.training.eval_iters
+        """Micro-batches per DP rank of each validation (SFT: the whole held-out set)."""
+        self.log_columns: Callable[[list[StepResult]], dict[str, float]] | None = None
+        """Extra console/TensorBoard columns of a log window (SFT: response tokens, epoch)."""
         wandb_run = start_wandb(cfg) if self.is_logging_rank and cfg.logging.wandb_project else None
         self.writer = MetricsWriter(
             cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file, wandb_run
@@ -167,7 +179,8 @@ class Trainer:
     def _iterators(
         self, dataset: Any, consumed: int, every_stage: bool = False
     ) -> list[MicroBatchIterator | None]:
-        uses = [bool(c.module.pre_process or c.module.post_process) for c in self.model]
+        uses = [self.packed or bool(c.module.pre_process or c.module.post_process)
+                for c in self.model]  # fmt: skip
         if every_stage and not any(uses):
             uses[0] = True  # a middle stage reads the tokens for the KD step's teacher pass
         return stage_iterators(
@@ -219,7 +232,7 @@ class Trainer:
         self.optimizer.zero_grad()
         if self.kd.sync(self.step):
             self.reset_data_position()  # the KD phase just ended: switch to the main data
-        forward_step = self.kd.forward_step(self.step) or lm_forward_step
+        forward_step = self.kd.forward_step(self.step) or self.base_step
         iterators = self.kd.step_iterators(self.train_iters, n_micro)
         totals = self._forward_backward(iterators, n_micro, False, forward_step)
         sums = totals.tolist()  # the step's one read of the loss on the host
@@ -242,7 +255,7 @@ class Trainer:
             top1_agree=means[METRICS.index("top1_agree")],
             kd_gate_on=means[METRICS.index("kd_gate_on")],
             kd_weight=self.kd.weight(self.step - 1),
-            kd_phase=forward_step is not lm_forward_step,
+            kd_phase=forward_step is not self.base_step,
             grad_norm=grad_norm,
             lr=lr,
             tokens=int(sums[-1]),
@@ -272,7 +285,7 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         iterators = self._iterators(dataset, 0)
-        totals = self._forward_backward(iterators, iters, True)
+        totals = self._forward_backward(iterators, iters, True, self.base_step)
         for chunk in self.model:
             chunk.train()
         return float(totals[METRICS.index("lm_loss")] / totals[-1].clamp(min=1))
@@ -323,6 +336,8 @@ class Trainer:
         }
         if self.cfg.training.rampup_batch_size is not None:
             values["global_batch_size"] = last.batch_size
+        if self.log_columns is not None:
+            values |= self.log_columns(window)
         peak = metrics.peak_tflops()
         if peak is not None:
             tflops = self._flops_per_token * tokens / seconds / 1e12 / self.world_size
@@ -340,7 +355,7 @@ class Trainer:
         return {name: max(r[name] for r in ranks) for name in ranks[0]}
 
     def _log_eval(self) -> None:
-        loss = self.evaluate(self.valid_ds, self.cfg.training.eval_iters)
+        loss = self.evaluate(self.valid_ds, self.eval_iters)
         ppl = math.exp(min(loss, 50.0))
         self.writer.console(
             self.step, self.cfg.training.train_iters, {"val_loss": loss, "val_ppl": ppl}

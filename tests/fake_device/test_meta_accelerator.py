@@ -15,6 +15,8 @@ One launch of two ranks, "meta posing as CUDA" (:mod:`tests.fake_device.harness`
 * the trainer at PP 2 (1F1B, bf16, 4 micro-batches): 2 KD steps with the teacher balanced over
   the stages (each computes the hidden states of 2 micro-batches before the schedule and the
   first sends its to the last), the release, 1 plain step.
+* packed SFT (``--sft``) at PP 2 (bf16, 4 micro-batches): every stage builds the block-diagonal
+  mask from the micro-batch's segment ids; 2 steps and a validation.
 
 Any tensor left on the host fails the run ("Tensor on device cpu is not on the expected device
 meta!"). Every host read of a device tensor is recorded with its call site; the KD loss, the
@@ -254,6 +256,40 @@ def _check_pipeline(root: str) -> dict[str, Any]:
     return {"steps": steps, "teacher_released": released is not None}
 
 
+def _check_sft() -> dict[str, Any]:
+    """PP 2 packed SFT: 2 steps and a validation over packed random examples."""
+    from megatron.core import parallel_state as mpu
+
+    from salt_megatron.config import parse_config
+    from salt_megatron.data.sft import encode_record
+    from salt_megatron.data.sft_pack import PackedSFTDataset
+    from salt_megatron.data.tokenizer import NullTokenizer
+    from salt_megatron.training.trainer import Trainer
+
+    cfg = parse_config([
+        *MODEL[1:], *ARCH, "--sft", "--sft-data", "unread.jsonl", "--pipeline-model-parallel-size",
+        "2", "--bf16", "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "2",
+    ])  # fmt: skip
+    tok, g = NullTokenizer(VOCAB), torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> str:
+        return " ".join(str(int(i)) for i in torch.randint(0, VOCAB - 1, (n,), generator=g))
+
+    records = [{"prompt": ids(2 + k % 3), "response": ids(1 + k % 4)} for k in range(24)]
+    data = PackedSFTDataset([encode_record(r, tok) for r in records], 16, tok.eod, 0, epochs=4)
+    trainer = Trainer(cfg, (data, data), VOCAB, tokenizer_fingerprint=FINGERPRINT)
+    steps = []
+    for _ in range(2):
+        with harness.SYNCS.counting() as syncs:
+            trainer.train_step()
+        steps.append([(e.kind, e.where) for e in syncs])
+    with harness.SYNCS.counting() as syncs:
+        trainer.evaluate(data, 4)
+    trainer.close()
+    mpu.destroy_model_parallel()
+    return {"steps": steps, "eval_syncs": [(e.kind, e.where) for e in syncs]}
+
+
 class RandomTokens:
     """16-token samples of random ids (host tensors, as a dataset yields them)."""
 
@@ -275,6 +311,7 @@ def _meta_world(root: str, tmp: str) -> dict[str, Any]:
         "training": _check_training(root),
         "offline": _check_offline_training(root, tmp),
         "pipeline": _check_pipeline(root),
+        "sft": _check_sft(),
     }
 
 
@@ -285,7 +322,7 @@ def meta_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     setup = partial(harness.init_process, "meta")
     ranks = run_distributed(_meta_world, 2, root, str(tmp), setup=setup)
     # rank 0's view of every check; at PP 2 the head and the loss run on the last stage, rank 1
-    return {**ranks[0], "pipeline": [rank["pipeline"] for rank in ranks]}
+    return {**ranks[0], **{key: [rank[key] for rank in ranks] for key in ("pipeline", "sft")}}
 
 
 def _hot(syncs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -357,3 +394,15 @@ def test_evaluation_reads_the_device_only_at_the_end(meta_run: dict[str, Any]) -
 def test_batches_come_from_pinned_worker_processes(meta_run: dict[str, Any]) -> None:
     assert meta_run["training"]["workers"] == 1
     assert meta_run["training"]["pinned"] > 0
+
+
+@pytest.mark.parametrize("stage", [0, 1], ids=["first_stage", "last_stage"])
+def test_packed_sft_step_is_host_sync_free(meta_run: dict[str, Any], stage: int) -> None:
+    """PP 2 SFT, each stage: the packed mask and the forward step make no host read; left per
+    step are the trainer's loss sums (ours, once) and megatron's token count and grad norm."""
+    sft = meta_run["sft"][stage]
+    for syncs in sft["steps"]:
+        assert not _hot(syncs), syncs
+        ours = [s for s in syncs if "/salt_megatron/" in s[1]]
+        assert len(ours) == 1 and len(syncs) <= 3, syncs
+    assert not _hot(sft["eval_syncs"]) and len(sft["eval_syncs"]) <= 2, sft["eval_syncs"]

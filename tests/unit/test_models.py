@@ -46,6 +46,9 @@ def test_gpu_fusions_follow_the_available_kernels(monkeypatch: pytest.MonkeyPatc
     gpu = mcfg.transformer_config(rope, tp=1)
     assert gpu.bias_activation_fusion and gpu.gradient_accumulation_fusion
     assert gpu.bias_dropout_fusion and gpu.masked_softmax_fusion and not gpu.apply_rope_fusion
+    # packed SFT: the fused causal softmax kernel would ignore the block-diagonal mask
+    packed = mcfg.transformer_config(rope, tp=1, packed=True)
+    assert not packed.masked_softmax_fusion and packed.bias_dropout_fusion
     everything = FusedKernels(transformer_engine=True, fused_wgrad=True, fused_rope=True)
     assert mcfg.fusions(rope, True, everything)["apply_rope_fusion"]
     assert not mcfg.fusions(gelu, True, everything)["apply_rope_fusion"]  # no rotary embedding
