@@ -1,1 +1,2 @@
-"""Evaluation of saved students: perplexity on held-out data (:mod:`.perplexity`)."""
+"""Evaluation of saved checkpoints: perplexity on held-out data (:mod:`.perplexity`) and task
+scores through lm-evaluation-harness (:mod:`.lm_backend`, :mod:`.tasks`; the ``[eval]`` extra)."""

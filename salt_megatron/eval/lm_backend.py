@@ -150,6 +150,12 @@ class SaltMegatronLM(TemplateLM):
         ``skip_special_tokens=True``."""
         return str(self.tok.detokenize([i for i in ids if i not in self._special]))
 
+    def loglikelihood(  # type: ignore[override]
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
+        """lm-eval's tokenization of (context, continuation) pairs, its bar on rank 0 only."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not _global_rank0())
+
     # ---- batches -----------------------------------------------------------------------------
     def _mine(self, batches: list[list[int]]) -> list[list[int]]:
         """The batches this data-parallel replica runs: every DP-th one."""
@@ -157,8 +163,7 @@ class SaltMegatronLM(TemplateLM):
         return batches[lay.dp_rank :: lay.dp]
 
     def _progress(self, total: int, desc: str, disable: bool) -> tqdm:
-        quiet = disable or (dist.is_initialized() and dist.get_rank() != 0)
-        return tqdm(total=total, desc=desc, disable=quiet)
+        return tqdm(total=total, desc=desc, disable=disable or not _global_rank0())
 
     def _batches(self, keys: list[Any]) -> list[list[int]]:
         """Indices sorted by ``keys`` (longest first, as lm-eval's ``Collator``), in batches."""
@@ -316,6 +321,10 @@ class SaltMegatronLM(TemplateLM):
                     still.append(i)
             active = still
         return [_cut(self.tok_decode(ids), plan.until) for ids, plan in zip(made, plans)]
+
+
+def _global_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _cut(text: str, until: list[str]) -> str:
