@@ -63,7 +63,8 @@ class SaltMegatronLM(TemplateLM):
     (default: the model's ``max_position_embeddings``, as the ``hf`` backend reads from an
     export's ``config.json``). ``prefix_token_id``: the token an empty context becomes.
     ``add_bos_token``: prepend BOS where lm-eval allows special tokens (default off: our
-    training data has none).
+    training data has none). lm-eval's ``max_batch_size`` and ``device`` are ignored: each
+    rank runs on its own device (its GPU, or the CPU).
     """
 
     backend = "causal"
@@ -83,7 +84,8 @@ class SaltMegatronLM(TemplateLM):
         tokenizer_type: str | None = None,
         transformer_impl: str | None = None,
         batch_size: int | str | None = None,
-        **ignored: Any,  # lm-eval's device / max_batch_size: placement is the rank's device
+        max_batch_size: int | None = None,
+        device: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size is not None:
@@ -96,10 +98,7 @@ class SaltMegatronLM(TemplateLM):
             load, None if step is None else int(step), int(tensor_model_parallel_size),
             int(pipeline_model_parallel_size), tokenizer_model, tokenizer_type, transformer_impl,
         )  # fmt: skip
-        tok = self.model.tokenizer
-        if not hasattr(tok, "detokenize") or type(tok).__name__ == "NullTokenizer":
-            raise LoadError(f"{self.model.path}: the checkpoint's tokenizer maps no text")
-        self.tok = tok
+        self.tok = tok = self.model.tokenizer
         self.micro_batch_size = int(micro_batch_size)
         self._max_gen_toks = int(max_gen_toks)
         self._max_length = int(max_length or self.model.max_position_embeddings)

@@ -171,9 +171,11 @@ def load_eval_model(
             f"--pipeline-model-parallel-size {pp} does not divide the checkpoint's "
             f"{model.num_layers} layers"
         )
-    if tokenizer.vocab_size > padded:
+    vocab = true_vocab_size(ckpt.meta, padded)
+    if tokenizer.vocab_size > vocab:
         raise LoadError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint only {padded} rows"
+            f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's model only {vocab} "
+            f"({ckpt.path}): pass the checkpoint's --tokenizer-model"
         )
     world = init_world()
     if world % (tp * pp):
@@ -198,6 +200,6 @@ def load_eval_model(
     gpt.eval()
     return EvalModel(
         gpt=gpt, tokenizer=tokenizer, layout=layout,
-        vocab_size=true_vocab_size(ckpt.meta, padded), padded_vocab=padded,
+        vocab_size=vocab, padded_vocab=padded,
         max_position_embeddings=model.max_position_embeddings, step=ckpt.step, path=ckpt.path,
     )  # fmt: skip

@@ -10,7 +10,8 @@ Every rank runs ``lm_eval.simple_evaluate`` on the ``salt-megatron`` backend
 writes ``--output-path``. Standard task names go to lm-eval as they are (their data is
 downloaded, so those runs need the network); ``--include-path`` adds task YAMLs from a folder.
 When every asked task is such a local one, ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are
-set before lm-eval is imported, so nothing is fetched (``--offline`` forces this).
+set before lm-eval is imported, so nothing is fetched (``--offline`` forces this), and lm-eval's
+own task index is not built.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import yaml
 OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
+class TaskError(ValueError):
+    """The tasks asked for cannot be run as given; the message names the flag."""
+
+
 # ---- which tasks are local ---------------------------------------------------------------------
 class _TagTolerantLoader(yaml.SafeLoader):
     """A safe YAML loader that reads ``!function`` (and any other tag) as None."""
@@ -43,7 +48,7 @@ def local_task_names(include_path: str) -> set[str]:
         try:
             config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TagTolerantLoader)
         except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"{path}: unreadable task YAML ({exc})") from None
+            raise TaskError(f"--include-path: {path}: unreadable task YAML ({exc})") from None
         if not isinstance(config, dict):
             continue
         for key in ("task", "group", "tag"):
@@ -82,11 +87,12 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict[str, Any] | Non
 
     import salt_megatron.eval.lm_backend  # noqa: F401  (registers "salt-megatron")
 
-    manager = TaskManager(include_path=args.include_path)
+    # lm-eval's own index (~15,000 names) takes seconds to build: skipped when all are local
+    manager = TaskManager(include_path=args.include_path, include_defaults=not args.all_local)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" or in --include-path {args.include_path}" if args.include_path else ""
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)} (not in lm-eval{where})")
+        raise TaskError(f"--tasks: unknown task(s) {', '.join(unknown)} (not in lm-eval{where})")
     seed = args.seed
     seeds = {} if seed is None else {
         "random_seed": seed, "numpy_random_seed": seed, "torch_random_seed": seed,
@@ -166,15 +172,16 @@ def _prepare(args: argparse.Namespace) -> list[str]:
     """Check the arguments, choose offline mode, quiet ranks other than 0; the task list."""
     tasks = split_tasks(args.tasks)
     if not tasks:
-        raise ValueError("--tasks: no task named")
+        raise TaskError("--tasks: no task named")
     if args.limit is not None and args.limit <= 0:
-        raise ValueError("--limit must be > 0")
+        raise TaskError("--limit must be > 0")
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     if args.include_path and not os.path.isdir(args.include_path):
-        raise ValueError(f"--include-path {args.include_path}: no such folder")
+        raise TaskError(f"--include-path {args.include_path}: no such folder")
     local = local_task_names(args.include_path) if args.include_path else set()
-    if args.offline or all(t in local for t in tasks):
+    args.all_local = all(t in local for t in tasks)
+    if args.offline or args.all_local:
         os.environ.update(dict.fromkeys(OFFLINE_VARS, "1"))
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -183,6 +190,9 @@ def _prepare(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate; rank 0 prints the table and writes ``--output-path``; the exit code."""
+    from salt_megatron.runtime.quiet import silence_known_warnings
+
+    silence_known_warnings()  # before megatron-core is imported
     from salt_megatron.checkpoint.layout import CheckpointError
     from salt_megatron.checkpoint.saved import LoadError
     from salt_megatron.config.schema import ConfigError
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks = _prepare(args)
         results = evaluate(args, tasks)
-    except (LoadError, ConfigError, DataError, CheckpointError, ValueError) as exc:
+    except (LoadError, ConfigError, DataError, CheckpointError, TaskError) as exc:
         print(f"eval_tasks.py: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -257,7 +257,8 @@ def test_eval_tasks_tool_offline_matches_hf_backend(crosscheck: dict[str, Any]) 
     assert metrics["salt_docstring_next"]["acc"] == sum(s["acc"] for s in samples) / 6
     hf = lm_eval.simple_evaluate(
         model=crosscheck["hf_lm"], tasks=["salt_docstrings"], limit=6, num_fewshot=1,
-        task_manager=TaskManager(include_path=str(TASKS)), bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+        bootstrap_iters=0,
     )  # fmt: skip
     assert hf is not None
     for task, theirs in hf["results"].items():
@@ -267,3 +268,19 @@ def test_eval_tasks_tool_offline_matches_hf_backend(crosscheck: dict[str, Any]) 
                 if isinstance(value, float):
                     value = pytest.approx(value, rel=1e-5, abs=1e-6)
                 assert mine == value, (task, key)
+
+
+def test_eval_tasks_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from salt_megatron.eval.tasks import OFFLINE_VARS, main
+
+    for var in OFFLINE_VARS:  # recorded, so what main sets is undone afterwards
+        monkeypatch.setenv(var, "")
+    args = ["--include-path", str(TASKS), "--tasks", "salt_docstring_next"]
+    assert main(["--load", str(tmp_path / "none"), *args]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"eval_tasks.py: error: --load {tmp_path / 'none'}: no such directory"
+    )
+    assert main(["--load", str(tmp_path), "--tasks", " , ", "--include-path", str(TASKS)]) == 2
+    assert "--tasks: no task named" in capsys.readouterr().err

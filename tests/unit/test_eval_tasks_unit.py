@@ -57,9 +57,10 @@ def test_local_task_names_and_offline_choice(monkeypatch: pytest.MonkeyPatch) ->
     )
     assert tasks._prepare(args) == ["salt_docstring_next", "hellaswag"]
     assert all(var not in tasks.os.environ for var in tasks.OFFLINE_VARS)  # hellaswag downloads
+    assert not args.all_local
     args.tasks = "salt_docstrings"
     tasks._prepare(args)
-    assert all(tasks.os.environ[var] == "1" for var in tasks.OFFLINE_VARS)
+    assert all(tasks.os.environ[var] == "1" for var in tasks.OFFLINE_VARS) and args.all_local
     results = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1,
                                  "exact_match,first_word": 0.25}}}  # fmt: skip
     assert tasks.summary(results) == {
