@@ -181,6 +181,7 @@ def _export(root: str, out: Path) -> None:
 @pytest.fixture(scope="module")
 def crosscheck(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Our answers per layout, the ``hf`` backend's on the export, and where things are."""
+    pytest.importorskip("lm_eval", reason="needs the [eval] extra (make venv installs it)")
     from lm_eval.models.huggingface import HFLM
 
     tmp = tmp_path_factory.mktemp("evaltasks")
@@ -275,6 +276,7 @@ def test_eval_tasks_errors_are_one_line(
 ) -> None:
     from salt_megatron.eval.tasks import OFFLINE_VARS, main
 
+    pytest.importorskip("lm_eval", reason="needs the [eval] extra (make venv installs it)")
     for var in OFFLINE_VARS:  # recorded, so what main sets is undone afterwards
         monkeypatch.setenv(var, "")
     args = ["--include-path", str(TASKS), "--tasks", "salt_docstring_next"]
