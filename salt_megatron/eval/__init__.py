@@ -1,2 +1,3 @@
-"""Evaluation of saved students: perplexity on held-out data (:mod:`.perplexity`), bootstrap
-intervals of task accuracy (:mod:`.intervals`)."""
+"""Evaluation of saved checkpoints: perplexity on held-out data (:mod:`.perplexity`), task
+scores through lm-evaluation-harness (:mod:`.lm_backend`, :mod:`.tasks`; the ``[eval]`` extra),
+bootstrap intervals of task accuracy (:mod:`.intervals`)."""
