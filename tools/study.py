@@ -337,7 +337,7 @@ def write_outputs(
         for i in order
     )
     (out / "study.md").write_text(text + "\n")
-    payload = table.to_json(res.rows, res.bases, res.teachers)
+    payload = table.to_json(res.rows, res.bases, res.teachers, res.own_teacher)
     (out / "study.json").write_text(json.dumps(payload, indent=1))
     table.plot_summary(res.rows, seeds, out / "study.png")
     best = grid[order[0]][1]

@@ -278,14 +278,27 @@ def baseline_markdown(
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], bases: dict[int, Curve], teachers: dict[str, Curve]) -> dict[str, Any]:
-    """Everything the tables are made from, curves included."""
+def to_json(
+    rows: list[Row],
+    bases: dict[int, Curve],
+    teachers: dict[str, Curve],
+    own: dict[int, Curve] | None = None,
+) -> dict[str, Any]:
+    """Everything the tables are made from, curves included; with ``own`` (each seed's centre
+    teacher), the steps at which each baseline passes it (see :func:`baseline_markdown`)."""
 
     def curve(c: Curve) -> dict[str, Any]:
         return asdict(c)
 
     return {
         "baselines": {str(s): curve(c) for s, c in bases.items()},
+        "baselines_vs_teacher": {
+            str(s): {
+                "passes_teacher_step": passes_step(bases[s], t),
+                "below_teacher_from_step": first_step_below(bases[s], t),
+            }
+            for s, t in (own or {}).items()
+        },
         "teachers": {n: curve(c) for n, c in teachers.items()},
         "settings": [
             {

@@ -232,3 +232,8 @@ def test_regime_options_teacher_per_seed_and_axes(
     text = study.write_outputs(tmp_path / "tables", res, [("centre", centre)], [1, 2])
     assert "| baseline, seed 2 | 5.0000 | 2.0 | 20 | never |" in text
     assert (tmp_path / "tables" / "gap.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "tables" / "study.json").read_text())
+    assert saved["baselines_vs_teacher"]["2"] == {
+        "passes_teacher_step": 20,
+        "below_teacher_from_step": None,
+    }
