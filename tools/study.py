@@ -14,10 +14,22 @@ once per (teacher, KD phase, seed); every finished run is kept on disk (``<out>/
     python tools/study.py --axes w0 schedule --seeds 1 2 3 --steps 300
     python tools/study.py --quick                  # a 2-run smoke (integration test)
 
+The regime round (docs/results.md): the Python-sources corpus, a teacher of about half the
+student's parameters trained per seed on the student's tokens for the same steps, runs long
+enough for the student to pass it:
+
+    python tools/study.py --corpus code --out runs/regime --steps 1200 --eval-interval 60 \
+        --eval-iters 8 --seq-length 256 --student-layers 4 --student-hidden 192 \
+        --teacher-layers 4 --teacher-hidden 128 --teacher-per-seed --kd-frac 0.25 \
+        --schedule step --axes n_kd schedule --n-kd 0.1 0.5 1.0 --schedules linear \
+        --tables regime
+
 Runs go to ``<out>/s<steps>/`` (teachers/, targets/, students/<setting>/seed<s>/, shared by
 every centre); the tables of a centre to ``<out>/s<steps>/around-<centre>/``: ``study.md``,
 ``study.json``, ``study.png`` (reached-step fraction and final-loss difference per setting and
-seed) and ``curves.png`` (validation loss of the first seed's baseline, centre and best setting).
+seed), ``curves.png`` (validation loss of the first seed's baseline, centre and best setting,
+and its teacher with ``--teacher-per-seed``) and ``gap.png`` (each setting's loss minus the
+paired baseline's against step).
 Scale: student and teacher as the demo's configs, at 8 sequences per step and world size 1, so
 that two runs share the 2 cores (``--jobs 2``).
 """
@@ -394,6 +406,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the n_kd axis' levels (fractions of the steps)",
     )
+    add("--schedules", nargs="+", default=None, help="the schedule axis' levels")
     add("--seeds", nargs="+", type=int, default=[1, 2])
     add("--steps", type=int, default=Scale.steps, help="student steps")
     add("--eval-interval", type=int, default=Scale.eval_interval)
@@ -415,7 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--out", type=Path, default=ROOT / "runs" / "study")
     add("--tables", default=None, help="tables folder in <out>/s<steps>/ (around-<centre>)")
     add("--cache", type=Path, default=None, help="data cache (cache/demo or cache/code)")
-    return parser  # fmt: skip
+    return parser
 
 
 def _scale(args: argparse.Namespace) -> Scale:
@@ -440,6 +453,8 @@ def main() -> None:
     axes = dict(AXES)
     if args.n_kd:
         axes["n_kd"] = [{"kd_frac": f} for f in args.n_kd]
+    if args.schedules:
+        axes["schedule"] = [{"schedule": name} for name in args.schedules]
     if args.quick:
         scale = dataclasses.replace(QUICK, teacher_per_seed=args.teacher_per_seed)
         grid, seeds = settings(args.axes or [], centre, axes), args.seeds[:1]
@@ -447,7 +462,7 @@ def main() -> None:
         scale = _scale(args)
         grid = settings(list(AXES) if args.axes is None else args.axes, centre, axes)
         seeds = args.seeds
-    out = args.out / ("quick" if args.quick else f"s{scale.steps}")
+    out = args.out.resolve() / ("quick" if args.quick else f"s{scale.steps}")  # flags name it
     out.mkdir(parents=True, exist_ok=True)
     cache = args.cache or ROOT / "cache" / ("demo" if args.corpus == "docstrings" else "code")
     study = Study(out, data_flags(cache, args.corpus), scale)
