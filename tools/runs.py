@@ -5,7 +5,8 @@
   :class:`Curve` (validation loss against step and training seconds, from ``--metrics-file``);
 - :func:`store_targets` runs ``tools/save_teacher_targets.py`` (the one-off teacher pass) and
   reads its summary (:class:`TargetsPass`);
-- :func:`demo_data_flags` builds (or reuses) the stdlib-docstring data and returns its flags;
+- :func:`data_flags` builds (or reuses) a corpus made on the machine (the demo's stdlib
+  docstrings, or the larger Python-sources corpus) and returns its flags;
 - :func:`plot` draws validation loss against step and wall-clock.
 """
 
@@ -149,18 +150,28 @@ def store_targets(
     return TargetsPass.read(log, wall)
 
 
-def demo_data_flags(cache: Path) -> list[str]:
-    """Build (or reuse) the stdlib-docstring corpus, tokenizer and dataset under ``cache``;
-    return the ``pretrain_salt.py`` flags that read them."""
+def data_flags(cache: Path, corpus: str = "docstrings") -> list[str]:
+    """Build (or reuse) a corpus made on the machine (``docstrings``: the demo's stdlib
+    docstrings; ``code``: the Python sources of the stdlib and the installed packages), its
+    tokenizer and dataset under ``cache``; return the ``pretrain_salt.py`` flags that read them."""
     from salt_megatron.runtime.quiet import silence_known_warnings
 
     silence_known_warnings()  # before megatron-core is imported
-    from salt_megatron.data.demo import prepare_demo_data
+    from salt_megatron.data.demo import prepare_code_data, prepare_demo_data
 
-    print("== data: stdlib docstring corpus, tokenizer, indexed dataset", flush=True)
-    paths = prepare_demo_data(cache)
+    if corpus == "code":
+        print("== data: Python sources corpus, tokenizer, indexed dataset", flush=True)
+        paths = prepare_code_data(cache)
+    else:
+        print("== data: stdlib docstring corpus, tokenizer, indexed dataset", flush=True)
+        paths = prepare_demo_data(cache)
     return ["--data-path", paths.data_prefix, "--tokenizer-model", paths.tokenizer_model,
             "--data-cache-path", str(cache / "index")]  # fmt: skip
+
+
+def demo_data_flags(cache: Path) -> list[str]:
+    """:func:`data_flags` of the demo's stdlib-docstring corpus."""
+    return data_flags(cache, "docstrings")
 
 
 def plot(curves: dict[str, Curve], path: Path, title: str | None = None) -> bool:

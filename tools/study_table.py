@@ -28,6 +28,12 @@ class Paired:
     final: float  # the SALT run's final validation loss
     reached_step: int | None  # first evaluated step with loss <= base_final; None: not reached
     reached_seconds: float | None  # training seconds at that step
+    kd_steps: int | None = None  # the SALT run's n_kd
+    # SALT's loss minus the baseline's at the first evaluation at or after n_kd (None: n_kd is
+    # the whole run, or no evaluation there)
+    diff_at_kd_end: float | None = None
+    teacher_final: float | None = None  # its own teacher's final loss (same validation draw)
+    passes_teacher_step: int | None = None  # first evaluation at or below teacher_final
 
     @property
     def final_diff(self) -> float:
@@ -47,10 +53,43 @@ class Paired:
         return self.reached_seconds / self.base_seconds
 
 
-def pair(seed: int, base: Curve, salt: Curve) -> Paired:
-    """Compare ``salt`` with ``base`` (the baseline of the same seed)."""
+def gap(salt: Curve, base: Curve) -> dict[int, float]:
+    """``salt``'s loss minus ``base``'s at every step both evaluated."""
+    at_base = dict(zip(base.steps, base.losses))
+    return {s: loss - at_base[s] for s, loss in zip(salt.steps, salt.losses) if s in at_base}
+
+
+def diff_at(salt: Curve, base: Curve, step: int) -> float | None:
+    """``salt``'s loss minus ``base``'s at their first common evaluation at or after ``step``."""
+    at_base = dict(zip(base.steps, base.losses))
+    for s, loss in zip(salt.steps, salt.losses):
+        if s >= step and s in at_base:
+            return loss - at_base[s]
+    return None
+
+
+def passes_step(curve: Curve, teacher: Curve | None) -> int | None:
+    """First evaluated step of ``curve`` at or below ``teacher``'s final loss."""
+    if teacher is None:
+        return None
+    hit = curve.first_step_reaching(teacher.losses[-1])
+    return None if hit is None else hit[0]
+
+
+def pair(
+    seed: int,
+    base: Curve,
+    salt: Curve,
+    kd_steps: int | None = None,
+    teacher: Curve | None = None,
+) -> Paired:
+    """Compare ``salt`` (``kd_steps`` of KD) with ``base`` (the baseline of the same seed) and,
+    when given, with ``teacher``, its own teacher evaluated on the same validation draw."""
     target = base.losses[-1]
     hit = salt.first_step_reaching(target)
+    kd_end = None
+    if kd_steps is not None and kd_steps < base.steps[-1]:
+        kd_end = diff_at(salt, base, kd_steps)
     return Paired(
         seed=seed,
         base_final=target,
@@ -59,7 +98,21 @@ def pair(seed: int, base: Curve, salt: Curve) -> Paired:
         final=salt.losses[-1],
         reached_step=None if hit is None else hit[0],
         reached_seconds=None if hit is None else hit[1],
+        kd_steps=kd_steps,
+        diff_at_kd_end=kd_end,
+        teacher_final=None if teacher is None else teacher.losses[-1],
+        passes_teacher_step=passes_step(salt, teacher),
     )
+
+
+def first_step_below(curve: Curve, other: Curve) -> int | None:
+    """First step evaluated in both at which ``curve``'s loss is below ``other``'s (the same
+    step's): where a student overtakes its teacher step for step."""
+    at_other = dict(zip(other.steps, other.losses))
+    for step, loss in zip(curve.steps, curve.losses):
+        if step in at_other and loss < at_other[step]:
+            return step
+    return None
 
 
 @dataclass(frozen=True)
@@ -104,6 +157,8 @@ class Summary:
     step_fraction: Spread  # over the seeds that reached the target
     seconds_fraction: Spread
     final_diff: Spread
+    diff_at_kd_end: Spread
+    passes_teacher_step: Spread  # over the seeds that passed their teacher's final loss
 
     @classmethod
     def of(cls, rows: list[Paired]) -> Summary:
@@ -111,6 +166,13 @@ class Summary:
             Spread.of([r.step_fraction for r in rows]),
             Spread.of([r.seconds_fraction for r in rows]),
             Spread.of([r.final_diff for r in rows]),
+            Spread.of([r.diff_at_kd_end for r in rows]),
+            Spread.of(
+                [
+                    None if r.passes_teacher_step is None else float(r.passes_teacher_step)
+                    for r in rows
+                ]
+            ),
         )
 
     @property
@@ -135,57 +197,108 @@ class Row:
         return Summary.of(self.runs)
 
 
-def _cell(row: Paired) -> str:
+def _cell(row: Paired, regime: bool) -> str:
     frac = "not reached" if row.step_fraction is None else f"{row.step_fraction:.0%}"
     step = "" if row.reached_step is None else f" (step {row.reached_step})"
-    return f"{frac}{step}, {row.final_diff:+.4f}"
+    text = f"{frac}{step}, {row.final_diff:+.4f}"
+    if not regime:
+        return text
+    if row.diff_at_kd_end is not None:
+        text += f"; {row.diff_at_kd_end:+.4f} after KD"
+    passes = "never" if row.passes_teacher_step is None else f"step {row.passes_teacher_step}"
+    return text + f"; passes the teacher: {passes}"
 
 
 def markdown(rows: list[Row], seeds: list[int]) -> str:
-    """The study's table: one line per setting, per-seed cells and the summary over seeds."""
+    """The study's table: one line per setting, per-seed cells and the summary over seeds.
+
+    With teachers per seed (the runs know their teacher's final loss), a cell also gives the
+    loss difference at the end of the KD phase and the step at which the student passes its
+    teacher's final loss, with two more summary columns."""
+    regime = any(r.teacher_final is not None for row in rows for r in row.runs)
+    seed_head = "reached, final diff" + ("; diff after KD; passes the teacher" if regime else "")
+    extra = (" | diff at the end of KD, mean (range) | step passing the teacher, mean (range)"
+             if regime else "")  # fmt: skip
     head = (
         "| axis | setting | "
-        + " | ".join(f"seed {s}: reached, final diff" for s in seeds)
-        + " | reached-step fraction, mean (range) | final loss diff, mean (range) "
-        "| wall-clock fraction, mean (range) |"
+        + " | ".join(f"seed {s}: {seed_head}" for s in seeds)
+        + " | reached-step fraction, mean (range) | final loss diff, mean (range)"
+        + extra
+        + " | wall-clock fraction, mean (range) |"
     )
-    lines = [head, "|" + "---|" * (len(seeds) + 5)]
+    lines = [head, "|" + "---|" * (len(seeds) + 5 + (2 if regime else 0))]
     for row in rows:
         by_seed = {r.seed: r for r in row.runs}
-        cells = [_cell(by_seed[s]) if s in by_seed else "" for s in seeds]
+        cells = [_cell(by_seed[s], regime) if s in by_seed else "" for s in seeds]
         summ = row.summary
+        more = ""
+        if regime:
+            kd_end = summ.diff_at_kd_end.text("{:+.4f}").replace("not reached", "-")
+            passes = summ.passes_teacher_step.text("{:.0f}").replace("not reached", "never")
+            more = f" | {kd_end} | {passes}"
         lines.append(
             f"| {row.axis} | {row.label} | "
             + " | ".join(cells)
-            + f" | {summ.step_fraction.text(percent=True)} | {summ.final_diff.text('{:+.4f}')} "
-            f"| {summ.seconds_fraction.text(percent=True)} |"
+            + f" | {summ.step_fraction.text(percent=True)} | {summ.final_diff.text('{:+.4f}')}"
+            + more
+            + f" | {summ.seconds_fraction.text(percent=True)} |"
         )
     return "\n".join(lines)
 
 
-def baseline_markdown(bases: dict[int, Curve], teachers: dict[str, Curve]) -> str:
-    """The reference lines: the baselines' final losses per seed, the teachers' final losses."""
-    lines = ["| run | final validation loss | training seconds |", "|---|---|---|"]
+def baseline_markdown(
+    bases: dict[int, Curve], teachers: dict[str, Curve], own: dict[int, Curve] | None = None
+) -> str:
+    """The reference lines: the baselines' final losses per seed, the teachers' final losses.
+
+    ``own``: each seed's centre teacher, trained on that seed's data order and evaluated on its
+    validation draw; then the baseline lines also give the step at which the baseline passes the
+    teacher's final loss and the first step at which it is below the teacher's loss at the same
+    step."""
+    own = own or {}
+    cols = " | passes the teacher's final loss at step | below the teacher, step for step, from"
+    lines = [
+        "| run | final validation loss | training seconds" + (cols if own else "") + " |",
+        "|---|---|---|" + ("---|---|" if own else ""),
+    ]
     for seed, curve in sorted(bases.items()):
-        lines.append(
-            f"| baseline, seed {seed} | {curve.losses[-1]:.4f} | {curve.seconds[-1]:.1f} |"
-        )
+        line = f"| baseline, seed {seed} | {curve.losses[-1]:.4f} | {curve.seconds[-1]:.1f} |"
+        if seed in own:
+            passes, below = passes_step(curve, own[seed]), first_step_below(curve, own[seed])
+            line += f" {'never' if passes is None else passes} | "
+            line += f"{'never' if below is None else below} |"
+        lines.append(line)
     for name, curve in teachers.items():
+        where = "same data order and validation draw as its seed's students" if own else (
+            "its own seed and validation draw")  # fmt: skip
         lines.append(
-            f"| teacher {name} (its own seed and validation draw) | {curve.losses[-1]:.4f} "
-            f"| {curve.seconds[-1]:.1f} |"
+            f"| teacher {name} ({where}) | {curve.losses[-1]:.4f} | {curve.seconds[-1]:.1f} |"
+            + (" | |" if own else "")
         )
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], bases: dict[int, Curve], teachers: dict[str, Curve]) -> dict[str, Any]:
-    """Everything the tables are made from, curves included."""
+def to_json(
+    rows: list[Row],
+    bases: dict[int, Curve],
+    teachers: dict[str, Curve],
+    own: dict[int, Curve] | None = None,
+) -> dict[str, Any]:
+    """Everything the tables are made from, curves included; with ``own`` (each seed's centre
+    teacher), the steps at which each baseline passes it (see :func:`baseline_markdown`)."""
 
     def curve(c: Curve) -> dict[str, Any]:
         return asdict(c)
 
     return {
         "baselines": {str(s): curve(c) for s, c in bases.items()},
+        "baselines_vs_teacher": {
+            str(s): {
+                "passes_teacher_step": passes_step(bases[s], t),
+                "below_teacher_from_step": first_step_below(bases[s], t),
+            }
+            for s, t in (own or {}).items()
+        },
         "teachers": {n: curve(c) for n, c in teachers.items()},
         "settings": [
             {
@@ -241,6 +354,39 @@ def plot_summary(rows: list[Row], seeds: list[int], path: Path) -> bool:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_gaps(
+    gaps: dict[str, list[tuple[Curve, Curve]]], path: Path, marks: dict[str, int] | None = None
+) -> bool:
+    """SALT's validation loss minus its paired baseline's against step, one line per setting
+    (the mean over its seeds, at the steps all of them evaluated), with vertical lines at
+    ``marks`` (label -> step). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for label, pairs in gaps.items():
+        per_seed = [gap(salt, base) for salt, base in pairs]
+        steps = sorted(set.intersection(*(set(d) for d in per_seed)))
+        mean = [statistics.fmean(d[s] for d in per_seed) for s in steps]
+        ax.plot(steps, mean, marker="o", ms=2, label=label)
+    for k, (label, step) in enumerate((marks or {}).items()):
+        ax.axvline(step, color="grey", lw=0.8, ls=("--", ":", "-.")[k % 3], label=label)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss - paired baseline's (nats; mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,5 +1,6 @@
-"""tools/study.py --quick: a teacher, a baseline and the centre SALT setting, 12 steps each, then
-the same command again, which must reuse all three runs (resumability on real runs)."""
+"""tools/study.py --quick --teacher-per-seed: a teacher (on the student seed's data order and
+validation draw), a baseline and the centre SALT setting, 12 steps each, then the same command
+again, which must reuse all three runs (resumability on real runs)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _study(out: Path) -> str:
-    args = ["--quick", "--out", str(out), "--cache", str(REPO / "cache" / "demo")]
+    args = ["--quick", "--teacher-per-seed", "--out", str(out),
+            "--cache", str(REPO / "cache" / "demo")]  # fmt: skip
     proc = run_tool("study.py", args, timeout=600)
     assert proc.returncode == 0, proc.stdout[-8000:]
     return proc.stdout
@@ -32,8 +34,14 @@ def test_study_quick_then_resumed(tmp_path: Path) -> None:
     assert paired["base_final"] == base["losses"][-1] and base["steps"][-1] == 12
     assert paired["final_diff"] == pytest.approx(paired["final"] - base["losses"][-1])
     assert paired["reached_step"] in (None, 4, 8, 12)  # an evaluated step (every 4)
-    assert "| centre | centre |" in (run / "study.md").read_text()
-    assert (run / "study.png").stat().st_size > 0 and (run / "curves.png").stat().st_size > 0
+    teacher = result["teachers"]["t2x128-1x, seed 1"]
+    assert teacher["steps"] == base["steps"] == [4, 8, 12]  # evaluated like the students
+    assert paired["teacher_final"] == teacher["losses"][-1]
+    assert paired["passes_teacher_step"] in (None, 4, 8, 12)
+    text = (run / "study.md").read_text()
+    assert "| centre | centre |" in text and "passes the teacher" in text
+    for plot in ("study.png", "curves.png", "gap.png"):
+        assert (run / plot).stat().st_size > 0
     again = _study(tmp_path)
     assert again.count("finished earlier, reused") == 3, again
     assert json.loads((run / "study.json").read_text()) == result

@@ -143,8 +143,97 @@ def test_finished_runs_are_reused_partial_ones_redone(
     # a SALT run reads its teacher's checkpoint; both are cached the same way
     ckpt, teacher = s.teacher(study.Teacher(steps_x=2.0))
     assert teacher.steps == [20, 40] and ckpt == tmp_path / "teachers/t2x128-2x/ckpt"
-    s.student(study.CENTRE, 1, {study.CENTRE.teacher: ckpt})
+    s.student(study.CENTRE, 1, {(study.CENTRE.teacher, None): ckpt})
     calls = len(runs.calls)
     s.teacher(study.Teacher(steps_x=2.0))
-    s.student(study.CENTRE, 1, {study.CENTRE.teacher: ckpt})
+    s.student(study.CENTRE, 1, {(study.CENTRE.teacher, None): ckpt})
     assert len(runs.calls) == calls
+
+
+def test_regime_columns_kd_end_and_passing_the_teacher() -> None:
+    base = Curve([10, 20, 30, 40], [6.0, 5.6, 5.4, 5.3], [2.0, 4.0, 6.0, 8.0], 10.0)
+    teacher = Curve([10, 20, 30, 40], [5.9, 5.7, 5.6, 5.5], [1.0, 2.0, 3.0, 4.0], 5.0)
+    salt = Curve([10, 20, 30, 40], [5.8, 5.5, 5.35, 5.25], [3.0, 5.0, 6.5, 8.5], 11.0)
+    p = table.pair(1, base, salt, kd_steps=15, teacher=teacher)
+    assert p.diff_at_kd_end == pytest.approx(5.5 - 5.6)  # the first evaluation at/after step 15
+    assert p.teacher_final == 5.5 and p.passes_teacher_step == 20  # 5.5 <= 5.5
+    assert table.pair(1, base, salt, kd_steps=40).diff_at_kd_end is None  # KD the whole run
+    assert table.passes_step(base, teacher) == 30 and table.passes_step(base, None) is None
+    assert table.first_step_below(base, teacher) == 20  # 5.6 < 5.7: below, step for step
+    assert table.first_step_below(teacher, base) == 10
+    assert table.gap(salt, Curve([20, 40], [5.6, 5.3], [0.0, 0.0], 0.0)) == pytest.approx(
+        {20: -0.1, 40: -0.05}
+    )
+    other = table.pair(2, base, Curve([10, 40], [6.1, 5.6], [1.0, 9.0], 9.0), 15, teacher)
+    row = table.Row("n_kd", "n_kd 40%", "", [p, other])
+    md = table.markdown([row], [1, 2])
+    assert "| 100% (step 40), -0.0500; -0.1000 after KD; passes the teacher: step 20 |" in md
+    assert "| not reached, +0.3000; +0.3000 after KD; passes the teacher: never |" in md
+    assert md.endswith(
+        "| 100%, 1 not reached | +0.1250 (-0.0500 to +0.3000) | +0.1000 (-0.1000 to +0.3000) "
+        "| 20, 1 never | 106%, 1 not reached |"
+    )
+    assert "passes the teacher" not in table.markdown([table.Row("a", "b", "", [
+        table.pair(1, base, salt)])], [1])  # fmt: skip
+    ref = table.baseline_markdown({1: base}, {"t, seed 1": teacher}, {1: teacher})
+    assert "| baseline, seed 1 | 5.3000 | 8.0 | 30 | 20 |" in ref
+
+
+def test_regime_options_teacher_per_seed_and_axes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = study.Teacher(layers=4, hidden=128)
+    centre = study.Setting(teacher=small, kd_frac=0.2, schedule="step")
+    levels: dict[str, list[dict[str, object]]] = {
+        **study.AXES,
+        "n_kd": [{"kd_frac": f} for f in (0.1, 0.2, 0.5)],
+    }
+    grid = study.settings(["teacher_strength", "n_kd"], centre, levels)
+    assert [s.teacher for _, s in grid[1:3]] == [
+        study.Teacher(4, 128, 2.0), study.Teacher(4, 128, 4.0)
+    ]  # fmt: skip
+    assert [s.kd_frac for a, s in grid if a == "n_kd"] == [0.1, 0.5]  # 0.2 is the centre
+    assert grid[1][1].label(centre) == "teacher 4L h128, 2x steps"
+
+    seen: list[tuple[str, list[str]]] = []
+    runs = _Train()
+
+    def train(name: str, config: str, extra: list[str], out: Path, *a: object, **k: object):
+        seen.append((name, extra))
+        return runs(name, config, extra, out)
+
+    monkeypatch.setattr(study, "train", train)
+    scale = study.Scale(steps=20, eval_interval=5, seq_length=256, teacher_per_seed=True)
+    s = study.Study(tmp_path, [], scale)
+    assert s.teacher_seeds([1, 2]) == [1, 2]
+    res = study.run_study(s, [("centre", centre)], [1, 2], jobs=1)
+    teachers = {n: x for n, x in seen if n.startswith("teachers/")}
+    assert sorted(teachers) == ["teachers/t4x128-1x/seed1", "teachers/t4x128-1x/seed2"]
+    t2 = teachers["teachers/t4x128-1x/seed2"]
+    for flag, value in (
+        ("--seed", "2"),
+        ("--eval-interval", "5"),
+        ("--train-iters", "20"),
+        ("--seq-length", "256"),
+        ("--num-layers", "4"),
+        ("--hidden-size", "128"),
+    ):
+        assert t2[t2.index(flag) + 1] == value, flag
+    student2 = dict(seen)["students/t4x128-1x-kd0.2-w0.8-step-T1-on/seed2"]
+    load = student2[student2.index("--kd-teacher-load") + 1]
+    assert load == str(tmp_path / "teachers/t4x128-1x/seed2/ckpt")
+    assert student2[student2.index("--kd-steps") + 1] == "4"
+    assert set(res.own_teacher) == {1, 2} and set(res.teachers) == {
+        "t4x128-1x, seed 1", "t4x128-1x, seed 2"
+    }  # fmt: skip
+    (row,) = res.rows
+    assert [r.teacher_final for r in row.runs] == [5.0, 5.0]
+    assert [r.passes_teacher_step for r in row.runs] == [20, 20]
+    text = study.write_outputs(tmp_path / "tables", res, [("centre", centre)], [1, 2])
+    assert "| baseline, seed 2 | 5.0000 | 2.0 | 20 | never |" in text
+    assert (tmp_path / "tables" / "gap.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "tables" / "study.json").read_text())
+    assert saved["baselines_vs_teacher"]["2"] == {
+        "passes_teacher_step": 20,
+        "below_teacher_from_step": None,
+    }
