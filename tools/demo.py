@@ -43,10 +43,10 @@ def report(
     teacher: Curve,
     tpass: TargetsPass,
     out: Path,
-    name: str = "results.md",
+    filename: str = "results.md",
 ) -> str:
-    """The results table (also written to ``out/name``); ``variants`` maps a SALT run's name to
-    (curve, one-off seconds)."""
+    """The results table (also written to ``out/filename``); ``variants`` maps a SALT run's name
+    to (curve, one-off seconds)."""
     target = base.losses[-1]
     rows = [
         "| run | final val loss | train wall-clock (s) | step reaching the baseline's final "
@@ -78,7 +78,7 @@ def report(
         f"{tpass.bytes_per_token:.1f} bytes per token on disk."
     )
     table = "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-    (out / name).write_text(table + "\n")
+    (out / filename).write_text(table + "\n")
     return table
 
 
