@@ -121,7 +121,8 @@ def _q8_error(spec: store.TargetSpec, shards: list, root: str) -> dict[str, floa
             order_g = np.argsort(np.where(g_ids >= 0, g_ids, 1 << 30), axis=1)
             kept = np.take_along_axis(ids[row], order_r, 1) >= 0
             q = np.exp(np.take_along_axis(logq[row], order_r, 1).astype(np.float64)) * kept
-            q_hat = np.exp(np.take_along_axis(got["kd_logprobs"].numpy(), order_g, 1)) * kept
+            logq_hat = got["kd_logprobs"].numpy().astype(np.float64)  # exp in float64
+            q_hat = np.exp(np.take_along_axis(logq_hat, order_g, 1)) * kept
             lq = np.where(kept, np.log(np.where(kept, q, 1.0)), 0.0)
             span = np.where(kept, lq, -np.inf).max(1) - np.where(kept, lq, np.inf).min(1)
             r16 = got["kd_residual"].numpy().astype(np.float16)
