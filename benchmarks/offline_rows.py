@@ -15,8 +15,8 @@ DOC = (
     "the samples a second trainer reads (`salt_megatron.distill.targets.save_targets`, the "
     "tool's pass, timed: one-off ms per optimizer step of samples), then that trainer, without a "
     "teacher, is timed like the online one (its plain blocks read the same batches, targets "
-    "unused). The store is the default format (q8 log-probabilities, no top-p: k ids per token "
-    "of a random teacher); bytes/token on disk in the last column."
+    "unused). The store is in the default format (float16 log-probabilities, no top-p: k ids "
+    "per token of a random teacher); bytes/token on disk in the last column."
 )
 
 

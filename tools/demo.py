@@ -113,8 +113,8 @@ def main() -> None:
     parser.add_argument(
         "--logprob-format",
         choices=LOGPROB_FORMATS,
-        default="q8",
-        help="how the stored targets keep log-probabilities (q8: 8-bit codes)",
+        default="float16",
+        help="how the stored targets keep log-probabilities (default float16)",
     )
     parser.add_argument("--stored-only", action="store_true",
                         help="reuse the teacher and baseline of an earlier run in --out; store "

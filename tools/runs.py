@@ -135,7 +135,7 @@ def store_targets(
     nproc: int = 2,
     threads: int = 1,
     echo: bool = True,
-    logprob_format: str = "q8",
+    logprob_format: str = "float16",
 ) -> TargetsPass:
     """The one-off pass: the teacher's targets of the KD phase's samples of the student run
     ``student_args`` (its seed, steps, ``--kd-steps``, T), stored afresh under ``targets`` with

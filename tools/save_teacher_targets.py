@@ -14,10 +14,11 @@ on every rank: data parallel over shards, the teacher's own TP inside
 Rerunning the command after a kill continues with the missing shards; rerunning it with a
 larger ``--kd-steps`` adds the samples that are missing.
 
-The log-probabilities are stored as 8-bit codes by default (``--logprob-format q8``, about a
-third of the bytes of float16, error bound in docs/salt.md), or exactly (``float16``,
-``float32``: the k = V store that replays the online teacher). Every file carries a CRC-32,
-checked the first time a run reads its shard; check a whole store offline with
+The log-probabilities are stored as float16 by default (``--logprob-format``; ``float32`` for
+the k = V store that replays the online teacher exactly), or as 8-bit codes (``q8``: half the
+bytes of float16, a third of format 1's, error bound and measured effect in docs/salt.md). Every
+file carries a CRC-32, checked the first time a run reads its shard; check a whole store offline
+with
 
     python tools/save_teacher_targets.py --verify DIR
 """
@@ -51,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="the store's directory (required to write one)")
     parser.add_argument("--verify", metavar="DIR",
                         help="check every file and sample of the store DIR and exit")  # fmt: skip
-    parser.add_argument("--logprob-format", choices=LOGPROB_FORMATS, default="q8",
-                        help="q8: 8-bit codes, bounded error (default); float16/float32: exact "
-                             "at that precision")  # fmt: skip
+    parser.add_argument("--logprob-format", choices=LOGPROB_FORMATS, default="float16",
+                        help="float16 (default) / float32: exact at that precision; q8: 8-bit "
+                             "codes, bounded error, half float16's bytes")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=64, help="ids kept per token at most (64)")
     parser.add_argument("--top-p", type=float, default=None,
                         help="keep ids until their mass reaches p (off)")  # fmt: skip

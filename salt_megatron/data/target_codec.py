@@ -18,11 +18,12 @@ the teacher's did (``sum_j q^_j + r^ = 1``, whatever ``min`` was: it is not stor
 
     |q^_j / q_j - 1| <= e^(2 eta) (1 - r^) / Q - 1   (or 1 - e^(-2 eta) (1 - r^) / Q, the larger)
 
-(:func:`relative_bound`; about ``2 eta``; plus the float32 rounding of the ``log q^`` the
-reader returns, at most :data:`FLOAT32_SLACK` x ``|log q^|``), so the L1 distance between the stored and the
-teacher's target distribution (kept ids plus the residual, spread uniformly or dropped) is at
-most ``Q x relative_bound + |r^ - r|``, and the KD gradient ``w c / T (p - target)`` is off by at
-most ``w c / T`` times that in L1 per token. A confident token (a short span) is coded finely.
+(:func:`relative_bound`; about ``2 eta``; plus the float32 rounding of the ``log q^`` the reader
+returns, at most :data:`FLOAT32_SLACK` x ``|log q^|``), so the L1 distance between the stored
+and the teacher's target distribution (kept ids plus the residual, spread uniformly or dropped)
+is at most ``Q x relative_bound + |r^ - r|``, and the KD gradient ``w c / T (p - target)`` is
+off by at most ``w c / T`` times that in L1 per token. A confident token (a short span) is coded
+finely.
 
 **Ids.** Sorted ascending per token, stored as gaps (the first id, then differences >= 1), each
 gap split into its bytes (all low bytes, then all high bytes, which are mostly 0); the slot of

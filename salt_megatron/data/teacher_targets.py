@@ -20,14 +20,15 @@ Layout of ``DIR``::
       *.npy                   the targets (salt_megatron.data.target_shards)
 
 Format 2 (written since) checks every byte: each file's CRC-32 is verified the first time a
-process reads the shard, and every sample read is checked (ids below V, counts <= k). Its
-log-probabilities are ``q8`` by default (8-bit codes with a stated error bound, packed ids and a
-float16 residual: about a third of format 1's bytes; :mod:`salt_megatron.data.target_codec`) or
-exact ``float16``/``float32``. Format 1 stores (int32 ids, float16 log-probabilities, no CRCs)
-are still read. Writes are atomic per shard (a temporary directory renamed into place), so a
-killed writer leaves whole shards only; nothing is unpickled on read (``.npy`` with
-``allow_pickle=False``, JSON). A mismatch of the spec against the run, a missing shard or a
-corrupt file is a :class:`DataError` naming the shard, the file and the command to rewrite it.
+process reads the shard, and every sample read is checked (ids below V, counts <= k). Its log-
+probabilities are ``float16`` by default (uint16 ids: two thirds of format 1's bytes),
+``float32``, or ``q8`` (8-bit codes with a stated error bound, packed ids and a float16
+residual: a third of format 1's bytes; :mod:`salt_megatron.data.target_codec`). Format 1 stores
+(int32 ids, float16 log-probabilities, no CRCs) are still read. Writes are atomic per shard (a
+temporary directory renamed into place), so a killed writer leaves whole shards only; nothing is
+unpickled on read (``.npy`` with ``allow_pickle=False``, JSON). A mismatch of the spec against
+the run, a missing shard or a corrupt file is a :class:`DataError` naming the shard, the file
+and the command to rewrite it.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ class TargetSpec:
     top_k: int
     top_p: float | None
     samples_per_shard: int
-    logprob_format: str = "q8"
-    """How log-probabilities are stored: ``q8`` (8-bit codes, bounded error), ``float16`` or
-    ``float32`` (exact at that precision). Format 1 stores are ``float16``."""
+    logprob_format: str = "float16"
+    """How log-probabilities are stored: ``float16`` (the default) or ``float32`` (exact at that
+    precision), or ``q8`` (8-bit codes, bounded error, a third of format 1's bytes; measurably
+    worse on the demo: docs/salt.md). Format 1 stores are ``float16``."""
     command: str = ""
     """The command that wrote the store (rerun it to rewrite a missing or corrupt shard)."""
     format: str = FORMAT
