@@ -15,7 +15,8 @@ DOC = (
     "the samples a second trainer reads (`salt_megatron.distill.targets.save_targets`, the "
     "tool's pass, timed: one-off ms per optimizer step of samples), then that trainer, without a "
     "teacher, is timed like the online one (its plain blocks read the same batches, targets "
-    "unused)."
+    "unused). The store is in the default format (float16 log-probabilities, no top-p: k ids "
+    "per token of a random teacher); bytes/token on disk in the last column."
 )
 
 
@@ -53,6 +54,14 @@ def store_targets(
     return time.perf_counter() - start
 
 
+def bytes_per_token(root: str) -> float:
+    """Bytes on disk per stored token of the store ``root`` (its shards' files)."""
+    from salt_megatron.data.teacher_targets import read_spec
+    from salt_megatron.distill.targets import store_summary
+
+    return store_summary(root, read_spec(root))["bytes_per_token"]
+
+
 def offline_trainer(flags: list[str], targets: str, n_steps: int, dataset: Any, vocab: int) -> Any:
     """A trainer of the student ``flags`` whose first ``n_steps`` steps are KD steps on the
     stored ``targets`` (no teacher)."""
@@ -71,8 +80,9 @@ def offline_table(rows: list[dict], top_k: int) -> str:
     """The offline rows (those of ``rows`` that have them) as a Markdown table."""
     lines = [
         f"| world | TP | teacher TP | student | teacher | plain ms | offline KD ms (k={top_k}) "
-        "| offline/plain (paired median) | online KD / plain | one-off teacher pass ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| offline/plain (paired median) | online KD / plain | one-off teacher pass ms/step "
+        "| store bytes/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "off_kd" not in r:
@@ -82,6 +92,6 @@ def offline_table(rows: list[dict], top_k: int) -> str:
             f"| {lay.world} | {lay.tp} | {lay.ttp} | {r['student']} | {r['teacher']} "
             f"| {r['off_plain'] * ms:.0f} | {r['off_kd'] * ms:.0f} "
             f"| {r['off_kd'] / r['off_plain']:.2f} ({r['off_paired']:.2f}) | {r['ratio']:.2f} "
-            f"| {r['pass_s'] / r['pass_steps'] * ms:.0f} |"
+            f"| {r['pass_s'] / r['pass_steps'] * ms:.0f} | {r['store_bytes_per_token']:.1f} |"
         )
     return "\n".join(lines)

@@ -405,6 +405,7 @@ def _offline_case(opts: dict[str, Any], root: str, lay: Layout, trainer: Any) ->
     kd_t, plain_t = times["kd"]["balanced"], times["plain"]
     return {
         "pass_s": pass_s, "pass_steps": n_steps, "off_plain": min(plain_t), "off_kd": min(kd_t),
+        "store_bytes_per_token": offline_rows.bytes_per_token(targets),
         "off_paired": statistics.median(k / p for k, p in zip(kd_t, plain_t, strict=True)),
     }  # fmt: skip
 

@@ -15,6 +15,7 @@
 
     python tools/demo.py            # about 20 minutes on 2 idle cores
     python tools/demo.py --quick    # a couple of minutes (the integration test)
+    python tools/demo.py --stored-only --logprob-format float16   # after a full run: only step 4
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from salt_megatron.data.target_shards import LOGPROB_FORMATS  # noqa: E402
 from tools.runs import Curve, TargetsPass, demo_data_flags, plot, store_targets, train  # noqa: E402
 
 QUICK = {
@@ -42,8 +44,10 @@ def report(
     teacher: Curve,
     tpass: TargetsPass,
     out: Path,
+    filename: str = "results.md",
 ) -> str:
-    """The results table; ``variants`` maps a SALT run's name to (curve, one-off seconds)."""
+    """The results table (also written to ``out/filename``); ``variants`` maps a SALT run's name
+    to (curve, one-off seconds)."""
     target = base.losses[-1]
     rows = [
         "| run | final val loss | train wall-clock (s) | step reaching the baseline's final "
@@ -75,8 +79,29 @@ def report(
         f"{tpass.bytes_per_token:.1f} bytes per token on disk."
     )
     table = "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-    (out / "results.md").write_text(table + "\n")
+    (out / filename).write_text(table + "\n")
     return table
+
+
+def stored_only(
+    out: Path, teacher_dir: Path, salt_args: list[str], data: list[str], fmt: str
+) -> None:
+    """Step 4 alone, on the teacher and baseline an earlier run left in ``out``: the targets
+    in ``out/targets_<fmt>``, the student in ``out/salt_offline_<fmt>``, the table in
+    ``out/results_<fmt>.md``."""
+    runs = {name: out / name / "metrics.jsonl" for name in ("teacher", "baseline")}
+    missing = [str(p) for p in runs.values() if not p.is_file()]
+    if missing or not teacher_dir.is_dir():
+        raise SystemExit(f"--stored-only needs an earlier full run in {out} (missing: "
+                         f"{', '.join(missing) or teacher_dir})")  # fmt: skip
+    teacher, base = (Curve.read(p, 0.0) for p in runs.values())
+    tpass = store_targets(teacher_dir, salt_args, out / f"targets_{fmt}", data,
+                          logprob_format=fmt)  # fmt: skip
+    flags = [*salt_args, "--kd-targets", str(out / f"targets_{fmt}")]
+    offline = train(f"salt_offline_{fmt}", "demo_student.yaml", flags, out, data)
+    name = f"SALT, stored targets, {fmt} (no teacher in training)"
+    variants = {name: (offline, teacher.seconds[-1] + tpass.seconds)}
+    print("\n" + report(base, variants, teacher, tpass, out, f"results_{fmt}.md"))
 
 
 def main() -> None:
@@ -86,6 +111,15 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "cache" / "demo")
     parser.add_argument("--salt-args", default="", help="extra flags for the SALT student only, "
                         "e.g. \"--kd-weight 0.5 --kd-steps 200\"")  # fmt: skip
+    parser.add_argument(
+        "--logprob-format",
+        choices=LOGPROB_FORMATS,
+        default="float16",
+        help="how the stored targets keep log-probabilities (default float16)",
+    )
+    parser.add_argument("--stored-only", action="store_true",
+                        help="reuse the teacher and baseline of an earlier run in --out; store "
+                             "targets and train only the stored-target student")  # fmt: skip
     args = parser.parse_args()
     out = args.out / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +127,10 @@ def main() -> None:
     quick_t = QUICK["teacher"] if args.quick else []
     quick_s = QUICK["student"] if args.quick else []
     teacher_dir = out / "teacher" / "ckpt"
+    if args.stored_only:
+        stored_only(out, teacher_dir, [*quick_s, *shlex.split(args.salt_args)], data,
+                    args.logprob_format)  # fmt: skip
+        return
     teacher = train(
         "teacher", "demo_teacher.yaml", [*quick_t, "--save", str(teacher_dir)], out, data
     )
@@ -105,7 +143,8 @@ def main() -> None:
     salt_args = [*quick_s, *shlex.split(args.salt_args)]
     online = ["--kd-teacher-load", str(teacher_dir)]
     salt = train("salt", "demo_student.yaml", [*salt_args, *online, *save("salt")], out, data)
-    tpass = store_targets(teacher_dir, salt_args, out / "targets", data)
+    tpass = store_targets(teacher_dir, salt_args, out / "targets", data,
+                          logprob_format=args.logprob_format)  # fmt: skip
     offline = train("salt_offline", "demo_student.yaml",
                     [*salt_args, "--kd-targets", str(out / "targets"), *save("salt_offline")],
                     out, data)  # fmt: skip

@@ -119,7 +119,7 @@ class TargetsPass:
     @classmethod
     def read(cls, log: Path, wall_s: float) -> TargetsPass:
         text = log.read_text()
-        found = re.search(r"([\d.]+) ids per token .*?([\d.]+) bytes per token; this pass "
+        found = re.search(r"([\d.]+) ids per token .*?([\d.]+) bytes per token.*?; this pass "
                           r"([\d.]+) s", text)  # fmt: skip
         if found is None:
             raise RunFailed(f"no summary line in {log}")
@@ -136,12 +136,14 @@ def store_targets(
     nproc: int = 2,
     threads: int = 1,
     echo: bool = True,
+    logprob_format: str = "float16",
 ) -> TargetsPass:
     """The one-off pass: the teacher's targets of the KD phase's samples of the student run
-    ``student_args`` (its seed, steps, ``--kd-steps``, T), stored afresh under ``targets``; the
-    log goes beside it (``targets.log``)."""
+    ``student_args`` (its seed, steps, ``--kd-steps``, T), stored afresh under ``targets`` with
+    ``--logprob-format logprob_format``; the log goes beside it (``targets.log``)."""
     shutil.rmtree(targets, ignore_errors=True)
-    args = ["--out", str(targets), *TARGETS, "--config", str(CONFIGS / config), *data,
+    args = ["--out", str(targets), *TARGETS, "--logprob-format", logprob_format,
+            "--config", str(CONFIGS / config), *data,
             *student_args, "--kd-teacher-load", str(teacher_dir)]  # fmt: skip
     print(f"== teacher targets (tools/save_teacher_targets.py) -> {targets}", flush=True)
     log = targets.with_name(targets.name + ".log")

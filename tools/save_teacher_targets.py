@@ -13,6 +13,14 @@ on every rank: data parallel over shards, the teacher's own TP inside
 (``--teacher-tensor-model-parallel-size``), ``--micro-batch-size`` sequences per forward.
 Rerunning the command after a kill continues with the missing shards; rerunning it with a
 larger ``--kd-steps`` adds the samples that are missing.
+
+The log-probabilities are stored as float16 by default (``--logprob-format``; ``float32`` for
+the k = V store that replays the online teacher exactly), or as 8-bit codes (``q8``: half the
+bytes of float16, a third of format 1's, error bound and measured effect in docs/salt.md). Every
+file carries a CRC-32, checked the first time a run reads its shard; check a whole store offline
+with
+
+    python tools/save_teacher_targets.py --verify DIR
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,18 +38,37 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from salt_megatron.config import ConfigError, parse_config
+from salt_megatron.data.target_shards import LOGPROB_FORMATS
 
 
-def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0], add_help=False)
-    parser.add_argument("--out", required=True, help="the store's directory")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,  # -h is handled in main: the other flags are pretrain_salt.py's
+        epilog="Every other flag is the student run's: see python pretrain_salt.py --help.",
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    parser.add_argument("--out", help="the store's directory (required to write one)")
+    parser.add_argument("--verify", metavar="DIR",
+                        help="check every file and sample of the store DIR and exit")  # fmt: skip
+    parser.add_argument("--logprob-format", choices=LOGPROB_FORMATS, default="float16",
+                        help="float16 (default) / float32: exact at that precision; q8: 8-bit "
+                             "codes, bounded error, half float16's bytes")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=64, help="ids kept per token at most (64)")
     parser.add_argument("--top-p", type=float, default=None,
                         help="keep ids until their mass reaches p (off)")  # fmt: skip
     parser.add_argument("--samples-per-shard", type=int, default=None,
                         help="samples per atomic shard (default: about 1M tokens, or fewer "
                              "so that every data-parallel rank gets shards)")  # fmt: skip
-    args, rest = parser.parse_known_args(argv)
+    return parser
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
+    args, rest = _parser().parse_known_args(argv)
+    if not args.out:
+        raise ConfigError("--out DIR is required (or --verify DIR, or --help)")
+    args.command = shlex.join(["python", str(Path(__file__).resolve()), *argv])
     cfg = parse_config(rest)  # the student run's config; the pass itself runs the teacher alone
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None
@@ -58,7 +86,40 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
     return args, cfg
 
 
+def _verify(root: str) -> int:
+    """``--verify DIR``: 0 when every shard is whole, 1 when some are not (listed)."""
+    from salt_megatron.data.errors import DataError
+    from salt_megatron.data.teacher_targets import verify_store
+
+    try:
+        report = verify_store(root)
+    except DataError as exc:
+        print(f"save_teacher_targets.py: error: {exc}", file=sys.stderr)
+        return 5
+    spec, tokens = report.spec, max(report.tokens, 1)
+    print(
+        f"{root}: format {spec.version}, {spec.logprob_format} log-probabilities, "
+        f"{spec.num_shards} shards; {report.tokens} tokens verified, "
+        f"{report.kept / tokens:.2f} ids and {report.size / tokens:.1f} bytes per token"
+    )
+    for line in report.problems:
+        print(f"save_teacher_targets.py: error: {line}", file=sys.stderr)
+    if report.problems:
+        print(f"{len(report.problems)} of {spec.num_shards} shards are bad", file=sys.stderr)
+        return 1
+    crcs = "every file's CRC-32 and " if spec.version == 2 else "(format 1 has no CRC-32s) "
+    print(f"{crcs}every sample checked: the store is whole")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, _ = _parser().parse_known_args(argv)
+    if own.help:
+        _parser().print_help()
+        return 0
+    if own.verify:
+        return _verify(own.verify)
     try:
         args, cfg = _parse(argv)
     except ConfigError as exc:
@@ -114,6 +175,8 @@ def _spec(cfg: Any, args: argparse.Namespace, tokenizer: Any, dataset: Any, dp: 
         top_k=args.top_k,
         top_p=args.top_p,
         samples_per_shard=per_shard,
+        logprob_format=args.logprob_format,
+        command=args.command,
     )
 
 
@@ -125,12 +188,12 @@ def _resume_spec(root: str, spec: Any) -> Any:
     if not os.path.isfile(os.path.join(root, SPEC_FILE)):
         return spec
     old = read_spec(root)
-    diff = old.differences(spec, ignore=("num_samples", "samples_per_shard"))
+    diff = old.differences(spec, ignore=("num_samples", "samples_per_shard", "command"))
     if diff:
         raise DataError(f"--out {root} holds targets made with other settings ({'; '.join(diff)})"
                         "; use another --out")  # fmt: skip
     return dataclasses.replace(
-        old, num_samples=max(old.num_samples, spec.num_samples)
+        old, num_samples=max(old.num_samples, spec.num_samples), command=spec.command
     )  # shards keep their size, so the complete ones stay valid
 
 
@@ -177,7 +240,8 @@ def _save(cfg: Any, args: argparse.Namespace) -> None:
             f"teacher targets: {spec.covered} samples ({summary['tokens']} tokens) in "
             f"{spec.num_shards} shards -> {args.out}; {summary['mean_ids_per_token']:.2f} ids "
             f"per token (k={spec.top_k}, p={spec.top_p}), {summary['bytes_per_token']:.1f} "
-            f"bytes per token; this pass {time.perf_counter() - start:.1f} s",
+            f"bytes per token ({spec.logprob_format}); this pass "
+            f"{time.perf_counter() - start:.1f} s",
             flush=True,
         )
 

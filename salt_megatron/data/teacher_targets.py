@@ -12,19 +12,23 @@ changes megatron's shuffle) gets an error, not wrong targets.
 Layout of ``DIR``::
 
     targets.json              the TargetSpec: format, teacher, tokenizer and dataset fingerprints,
-                              T, k, p, sequence length, samples covered, samples per shard
+                              T, k, p, sequence length, samples covered, samples per shard, the
+                              log-probability format, the command that wrote it; its own CRC-32
     shard_000000/             samples [0, P): one directory per shard, renamed into place
-      shard.json              {"start", "count", "tokens", "kept"}, written last
-      counts.npy  uint16 [count, seq]   ids kept per token (<= k)
-      ids.npy     int32  [kept]         the kept token ids, token after token, by probability
-      logprobs.npy float16 [kept]       log q of each id (teacher softmax at T)
-      residual.npy float32 [count, seq] 1 - sum of the kept q (the teacher's mass elsewhere)
-      checksums.npy uint64 [count]      :func:`sample_checksum` of each sample's tokens
+      shard.json              {"start", "count", "tokens", "kept", "files": {name: [size, crc32]}}
+                              and its own CRC-32, written last
+      *.npy                   the targets (salt_megatron.data.target_shards)
 
-Per token and kept id the store holds 6 bytes, plus 6 bytes per token (count and residual).
-Writes are atomic per shard (a temporary directory renamed into place), so a killed writer
-leaves whole shards only; nothing is unpickled on read (``.npy`` with ``allow_pickle=False``,
-JSON). A mismatch of the spec against the run, or a missing shard, is a :class:`DataError`.
+Format 2 (written since) checks every byte: each file's CRC-32 is verified the first time a
+process reads the shard, and every sample read is checked (ids below V, counts <= k). Its log-
+probabilities are ``float16`` by default (uint16 ids: two thirds of format 1's bytes),
+``float32``, or ``q8`` (8-bit codes with a stated error bound, packed ids and a float16
+residual: a third of format 1's bytes; :mod:`salt_megatron.data.target_codec`). Format 1 stores
+(int32 ids, float16 log-probabilities, no CRCs) are still read. Writes are atomic per shard (a
+temporary directory renamed into place), so a killed writer leaves whole shards only; nothing is
+unpickled on read (``.npy`` with ``allow_pickle=False``, JSON). A mismatch of the spec against
+the run, a missing shard or a corrupt file is a :class:`DataError` naming the shard, the file
+and the command to rewrite it.
 """
 
 from __future__ import annotations
@@ -35,17 +39,31 @@ import math
 import os
 import shutil
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from salt_megatron.data.errors import DataError
+from salt_megatron.data.target_codec import Layout
+from salt_megatron.data.target_shards import (
+    LOGPROB_FORMATS,
+    SHARD_FILE,
+    Q8Reader,
+    RawReader,
+    ShardCorrupt,
+    ShardFiles,
+    dumps_checked,
+    loads_checked,
+    read_record,
+    write_files,
+)
 
-FORMAT = "salt-teacher-targets/1"
+FORMAT = "salt-teacher-targets/2"
+FORMAT_V1 = "salt-teacher-targets/1"
+VERSIONS = {FORMAT: 2, FORMAT_V1: 1}
 SPEC_FILE = "targets.json"
-SHARD_FILE = "shard.json"
 TARGET_KEYS = ("kd_ids", "kd_logprobs", "kd_residual")
 """Keys a :class:`TargetsDataset` sample adds to megatron's GPT sample dict."""
 
@@ -70,7 +88,29 @@ class TargetSpec:
     top_k: int
     top_p: float | None
     samples_per_shard: int
+    logprob_format: str = "float16"
+    """How log-probabilities are stored: ``float16`` (the default) or ``float32`` (exact at that
+    precision), or ``q8`` (8-bit codes, bounded error, a third of format 1's bytes; measurably
+    worse on the demo: docs/salt.md). Format 1 stores are ``float16``."""
+    command: str = ""
+    """The command that wrote the store (rerun it to rewrite a missing or corrupt shard)."""
     format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if self.logprob_format not in LOGPROB_FORMATS:
+            raise ValueError(f"logprob_format {self.logprob_format!r} not in {LOGPROB_FORMATS}")
+        if self.format not in VERSIONS:
+            raise ValueError(f"format {self.format!r}, this version reads {sorted(VERSIONS)}")
+
+    @property
+    def version(self) -> int:
+        """The format version (1 or 2)."""
+        return VERSIONS[self.format]
+
+    @property
+    def layout(self) -> Layout:
+        """Sequence length, k and V: the widths of the shard files."""
+        return Layout(self.seq_length, self.top_k, self.vocab_size)
 
     @property
     def covered(self) -> int:
@@ -95,6 +135,10 @@ class TargetSpec:
             if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)
         ]
 
+    def rerun(self) -> str:
+        """The command that rewrites missing shards."""
+        return self.command or "tools/save_teacher_targets.py with the flags that made the store"
+
 
 def sample_checksum(sample: dict[str, Any]) -> int:
     """64-bit checksum of a GPT sample's ``seq + 1`` tokens (its tokens and its last label)."""
@@ -117,34 +161,48 @@ def read_spec(root: str) -> TargetSpec:
                         "(tools/save_teacher_targets.py writes one)")  # fmt: skip
     try:
         with open(path) as f:
-            raw = json.load(f)
+            text = f.read()
+        raw = json.loads(text)
+        if isinstance(raw, dict) and raw.get("format") != FORMAT_V1:
+            raw = loads_checked(text, SPEC_FILE)
         spec = TargetSpec(**raw)
+    except ShardCorrupt as exc:
+        raise DataError(f"{path}: corrupt ({exc}); rewrite it by rerunning the command that made "
+                        "the store (tools/save_teacher_targets.py)") from None  # fmt: skip
     except (OSError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: unreadable teacher-targets spec: {exc}") from None
-    if spec.format != FORMAT:
-        raise DataError(f"{path}: format {spec.format!r}, this version reads {FORMAT!r}")
-    return spec
+    return replace(spec, logprob_format="float16") if spec.version == 1 else spec
 
 
 def write_spec(root: str, spec: TargetSpec) -> None:
-    """Write ``targets.json`` atomically."""
+    """Write ``targets.json`` atomically (format 2, with its CRC-32)."""
+    if spec.version != 2:
+        raise ValueError(f"this version writes {FORMAT} stores, not {spec.format}")
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f".{SPEC_FILE}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(asdict(spec), f, indent=2)
+        f.write(dumps_checked(asdict(spec)))
     os.replace(tmp, os.path.join(root, SPEC_FILE))
+
+
+def shard_status(root: str, spec: TargetSpec, shard: int) -> str | None:
+    """None when ``shard`` is complete for ``spec``, else why not (missing, incomplete,
+    corrupt record)."""
+    try:
+        record = read_record(shard_dir(root, shard), checked=spec.version == 2)
+    except ShardCorrupt as exc:
+        return f"corrupt ({exc})"
+    if record is None:
+        return "missing"
+    start, count = spec.shard_range(shard)
+    if record.get("start") != start or record.get("count") != count:
+        return f"incomplete (holds {record.get('count')} samples from {record.get('start')})"
+    return None
 
 
 def shard_done(root: str, spec: TargetSpec, shard: int) -> bool:
     """Whether ``shard`` is complete for ``spec`` (its record names the expected samples)."""
-    path = os.path.join(shard_dir(root, shard), SHARD_FILE)
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return False
-    start, count = spec.shard_range(shard)
-    return record.get("start") == start and record.get("count") == count
+    return shard_status(root, spec, shard) is None
 
 
 def write_shard(
@@ -157,28 +215,26 @@ def write_shard(
     checksums_s: np.ndarray,
 ) -> None:
     """Write one shard atomically from padded ``[count, seq, k]`` ids (-1 = empty slot, the kept
-    ids first), their log-probabilities, the ``[count, seq]`` residual and the ``[count]``
-    sample checksums."""
+    ids first, by descending probability), their log-probabilities, the ``[count, seq]``
+    residual and the ``[count]`` sample checksums, in ``spec.logprob_format``."""
     start, count = spec.shard_range(shard)
     if ids_snk.shape[:2] != (count, spec.seq_length) or ids_snk.shape != logq_snk.shape:
         raise ValueError(f"shard {shard}: got {ids_snk.shape}, expected ({count}, "
                          f"{spec.seq_length}, k)")  # fmt: skip
     if checksums_s.dtype != np.uint64:  # Python ints above 2**63 make numpy pick float64
         raise TypeError(f"shard {shard}: checksums must be uint64, got {checksums_s.dtype}")
-    kept_snk = ids_snk >= 0
+    if ids_snk.size and int(ids_snk.max()) >= spec.vocab_size:
+        raise ValueError(f"shard {shard}: an id >= the vocabulary size {spec.vocab_size}")
     final = shard_dir(root, shard)
     tmp = f"{final}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    np.save(os.path.join(tmp, "counts.npy"), kept_snk.sum(-1).astype(np.uint16))
-    np.save(os.path.join(tmp, "ids.npy"), ids_snk[kept_snk].astype(np.int32))
-    np.save(os.path.join(tmp, "logprobs.npy"), logq_snk[kept_snk].astype(np.float16))
-    np.save(os.path.join(tmp, "residual.npy"), resid_sn.astype(np.float32))
-    np.save(os.path.join(tmp, "checksums.npy"), checksums_s)
-    record = {"start": start, "count": count, "tokens": int(kept_snk[..., 0].size),
-              "kept": int(kept_snk.sum())}  # fmt: skip
+    files = write_files(tmp, spec.layout, spec.logprob_format, ids_snk, logq_snk, resid_sn,
+                        checksums_s)  # fmt: skip
+    record = {"start": start, "count": count, "tokens": count * spec.seq_length,
+              "kept": int((ids_snk >= 0).sum()), "files": files}  # fmt: skip
     with open(os.path.join(tmp, SHARD_FILE), "w") as f:
-        json.dump(record, f)
+        f.write(dumps_checked(record))
     if os.path.isdir(final):  # a stale shard of a shorter run: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -193,42 +249,65 @@ def remove_stale_temporaries(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-class _Shard:
-    """One shard, memory-mapped: CSR ids/log-probabilities with per-token offsets."""
+def shard_files(root: str, spec: TargetSpec, shard: int) -> ShardFiles:
+    """The files of a complete shard (:class:`DataError` when it is not complete)."""
+    problem = shard_status(root, spec, shard)
+    if problem is not None:
+        raise DataError(f"--kd-targets {root}: shard {shard_dir(root, shard)} is {problem}; "
+                        f"rerun {spec.rerun()} to write it")  # fmt: skip
+    path = shard_dir(root, shard)
+    record = read_record(path, checked=spec.version == 2) or {}
+    count = spec.shard_range(shard)[1]
+    return ShardFiles(path, spec.version, spec.logprob_format, spec.layout, count, record)
 
-    def __init__(self, path: str, spec: TargetSpec, start: int, count: int) -> None:
-        def load(name: str) -> np.ndarray:
-            return np.load(os.path.join(path, name), mmap_mode="r", allow_pickle=False)
 
+def corrupt_error(root: str, spec: TargetSpec, shard: int, exc: ShardCorrupt) -> DataError:
+    """The error of a corrupt shard file: the file, what is wrong, the command to rewrite it."""
+    path = shard_dir(root, shard)
+    return DataError(f"{os.path.join(path, str(exc))}: the teacher-target shard is corrupt; "
+                     f"remove {path} and rerun {spec.rerun()} to rewrite it")  # fmt: skip
+
+
+@dataclass
+class StoreReport:
+    """What :func:`verify_store` found."""
+
+    spec: TargetSpec
+    tokens: int
+    kept: int
+    """Stored ids (the mean per token is ``kept / tokens``)."""
+    size: int
+    """Bytes of the shard directories."""
+    problems: list[str]
+    """One line per bad shard: the file, what is wrong and the command to rewrite it."""
+
+
+def verify_store(root: str) -> StoreReport:
+    """Check a whole store offline: every shard present, each file's CRC-32 (format 2), and
+    every sample decoded and checked (ids below V, counts <= k). Collects the bad shards instead
+    of stopping at the first; :class:`DataError` only for a bad ``targets.json``."""
+    spec = read_spec(root)
+    tokens = kept = size = 0
+    problems = []
+    for shard in range(spec.num_shards):
+        path = shard_dir(root, shard)
+        status = shard_status(root, spec, shard)
+        if status is not None:
+            problems.append(f"{path}: {status}; rerun {spec.rerun()} to write it")
+            continue
+        files = shard_files(root, spec, shard)
         try:
-            counts = np.asarray(load("counts.npy"), dtype=np.int64)
-            self.ids, self.logq = load("ids.npy"), load("logprobs.npy")
-            self.resid, self.checksums = load("residual.npy"), load("checksums.npy")
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable teacher-target shard ({exc}); rerun "
-                            "tools/save_teacher_targets.py to rewrite it") from None  # fmt: skip
-        if (
-            counts.shape != (count, spec.seq_length)
-            or counts.sum() != self.ids.shape[0]
-            or self.checksums.shape != (count,)
-        ):
-            raise DataError(f"{path}: corrupt teacher-target shard (counts {counts.shape}, "
-                            f"{self.ids.shape[0]} ids); rerun the tool")  # fmt: skip
-        self.counts = counts
-        self.offsets = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
-        self.start = start
-
-    def sample(self, index: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Padded ``[seq, k]`` ids and log-probabilities and the ``[seq]`` residual."""
-        row = index - self.start
-        seq = self.counts.shape[1]
-        lo, hi = self.offsets[row * seq], self.offsets[(row + 1) * seq]
-        slots_sk = np.arange(k) < self.counts[row][:, None]
-        ids_sk = np.full((seq, k), -1, dtype=np.int32)
-        logq_sk = np.zeros((seq, k), dtype=np.float32)
-        ids_sk[slots_sk] = self.ids[lo:hi]
-        logq_sk[slots_sk] = self.logq[lo:hi]
-        return ids_sk, logq_sk, np.array(self.resid[row], dtype=np.float32)  # a writable copy
+            files.verify()
+            reader = files.open()
+            for row in range(files.count):
+                reader.sample(row)
+        except ShardCorrupt as exc:
+            problems.append(str(corrupt_error(root, spec, shard, exc)))
+            continue
+        tokens += files.count * spec.seq_length
+        kept += int(files.record.get("kept", 0))
+        size += sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+    return StoreReport(spec, tokens, kept, size, problems)
 
 
 class TargetStore:
@@ -238,8 +317,9 @@ class TargetStore:
     def __init__(self, root: str, cache_shards: int = 4) -> None:
         self.root = root
         self.spec = read_spec(root)
-        self._cache: OrderedDict[int, _Shard] = OrderedDict()
+        self._cache: OrderedDict[int, Q8Reader | RawReader] = OrderedDict()
         self._cache_shards = cache_shards
+        self._verified: set[int] = set()  # shards whose files' CRC-32s this process checked
 
     def check_run(
         self,
@@ -278,16 +358,17 @@ class TargetStore:
                 f"(--kd-steps x --global-batch-size) of a dataset of {len(dataset)}; rerun "
                 "tools/save_teacher_targets.py with this run's flags to add the rest"
             )
-        missing = [s for s in range(spec.num_shards) if not shard_done(self.root, spec, s)]
-        if missing:
-            first = spec.shard_range(missing[0])[0]
+        problems = [(s, shard_status(self.root, spec, s)) for s in range(spec.num_shards)]
+        bad = [(s, p) for s, p in problems if p is not None]
+        if bad:
+            first, what = bad[0]
             raise DataError(
-                f"{where}: {len(missing)} of {spec.num_shards} shards are missing or incomplete "
-                f"(first: {shard_dir(self.root, missing[0])}, samples from {first}); rerun "
-                "tools/save_teacher_targets.py with the same flags to finish them"
+                f"{where}: {len(bad)} of {spec.num_shards} shards are missing, incomplete or "
+                f"corrupt (first: {shard_dir(self.root, first)}, samples from "
+                f"{spec.shard_range(first)[0]}: {what}); rerun {spec.rerun()} to write them"
             )
 
-    def _shard(self, index: int) -> _Shard:
+    def _shard(self, index: int) -> tuple[int, Q8Reader | RawReader]:
         spec = self.spec
         if not 0 <= index < spec.covered:
             raise DataError(f"--kd-targets {self.root}: no targets for sample {index} (the store "
@@ -295,29 +376,36 @@ class TargetStore:
         shard = index // spec.samples_per_shard
         if shard in self._cache:
             self._cache.move_to_end(shard)
-            return self._cache[shard]
-        path = shard_dir(self.root, shard)
-        if not shard_done(self.root, spec, shard):
-            raise DataError(f"--kd-targets {self.root}: sample {index}: shard {path} is missing "
-                            "or incomplete; rerun tools/save_teacher_targets.py")  # fmt: skip
-        loaded = _Shard(path, spec, *spec.shard_range(shard))
+            return shard, self._cache[shard]
+        files = shard_files(self.root, spec, shard)
+        try:
+            if shard not in self._verified:  # once per process: the CRC-32 of every file
+                files.verify()
+                self._verified.add(shard)
+            loaded = files.open()
+        except ShardCorrupt as exc:
+            raise corrupt_error(self.root, spec, shard, exc) from None
         self._cache[shard] = loaded
         if len(self._cache) > self._cache_shards:
             self._cache.popitem(last=False)
-        return loaded
+        return shard, loaded
 
     def sample(self, index: int, checksum: int | None = None) -> dict[str, torch.Tensor]:
         """The :data:`TARGET_KEYS` tensors of dataset sample ``index``; with ``checksum`` (the
         run's :func:`sample_checksum` of that sample) the stored one must equal it."""
-        shard = self._shard(index)
-        if checksum is not None and int(shard.checksums[index - shard.start]) != checksum:
+        shard, reader = self._shard(index)
+        row = index - shard * self.spec.samples_per_shard
+        if checksum is not None and int(reader.checksums[row]) != checksum:
             raise DataError(
                 f"--kd-targets {self.root}: sample {index} of this run's KD dataset is not the "
                 "sample the targets were made for (its tokens differ): the data, split, --seed, "
                 "--seq-length or the sample count (--train-iters x --global-batch-size, which "
                 "sets megatron's shuffle) changed; make targets for this run"
             )
-        ids_sk, logq_sk, resid_s = shard.sample(index, self.spec.top_k)
+        try:
+            ids_sk, logq_sk, resid_s = reader.sample(row)
+        except ShardCorrupt as exc:
+            raise corrupt_error(self.root, self.spec, shard, exc) from None
         return {
             "kd_ids": torch.from_numpy(ids_sk),
             "kd_logprobs": torch.from_numpy(logq_sk),
@@ -329,7 +417,8 @@ class TargetStore:
         s = self.spec
         p = f", p={s.top_p}" if s.top_p is not None else ""
         return (f"{self.root} (teacher {s.teacher}; k={s.top_k}{p}, T={s.temperature}; "
-                f"{s.covered} samples in {s.num_shards} shards)")  # fmt: skip
+                f"{s.covered} samples in {s.num_shards} shards; format {s.version}, "
+                f"{s.logprob_format} log-probabilities)")  # fmt: skip
 
 
 class TargetsDataset:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -148,17 +149,26 @@ def save_targets(
     writer: bool,
 ) -> None:
     """Compute and write this data-parallel rank's missing shards (shards ``dp_rank``,
-    ``dp_rank + dp_size``, ...); ``writer`` is true on one rank of each teacher TP group.
+    ``dp_rank + dp_size``, ...); ``writer`` is true on one rank of each teacher TP group, and
+    writes (encodes) each shard in a background thread while the next one is computed.
     Collective over the world (a barrier at the end)."""
     todo = [s for s in range(dp_rank, spec.num_shards, dp_size) if not shard_done(root, spec, s)]
     samples = sum(spec.shard_range(s)[1] for s in todo)
     show = dist.get_rank() == 0
-    with tqdm(total=samples, desc="teacher targets", unit="sample", disable=not show) as bar:
+    pending: Future[None] | None = None
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        tqdm(total=samples, desc="teacher targets", unit="sample", disable=not show) as bar,
+    ):
         for shard in todo:
             arrays = _shard_targets(teacher, dataset, spec, shard, micro_batch_size, tp_group)
-            if writer:
-                write_shard(root, spec, shard, *arrays)
+            if pending is not None:
+                pending.result()  # one shard in flight: host memory stays bounded
+            if writer:  # encoding (zlib releases the GIL) overlaps the next shard's forwards
+                pending = pool.submit(write_shard, root, spec, shard, *arrays)
             bar.update(spec.shard_range(shard)[1])
+        if pending is not None:
+            pending.result()
     dist.barrier()
 
 
