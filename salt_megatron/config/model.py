@@ -156,6 +156,11 @@ class ModelConfig:
             f"{flag('num_experts', prefix)} {self.num_experts}",
         )
         check(
+            self.moe_router_topk > 1 or self.moe_router_pre_softmax,
+            f"{flag('moe_router_topk', prefix)} 1 needs {flag('moe_router_pre_softmax', prefix)} "
+            "(a softmax over the one chosen logit is always 1)",
+        )
+        check(
             not (self.add_bias_linear and self.moe_shared_expert_intermediate_size),
             f"{flag('moe_shared_expert_intermediate_size', prefix)} does not support "
             f"{flag('add_bias_linear', prefix)} (megatron-core's shared experts have no biases)",
