@@ -184,15 +184,20 @@ def _router_gradient(tmp: str, kd_weight: float, coeff: float) -> dict[str, Any]
 
 
 def _dropping(tmp: str) -> dict[str, Any]:
-    """One plain step with capacity factor 0.5: the logged metrics and the router's inputs."""
-    trainer = _trainer(
-        [*COMMON, *STUDENT, "--kd-steps", "0", "--moe-expert-capacity-factor", "0.5"]
-    )
+    """One plain step with capacity factor 0.5, logged (``--metrics-file``, the writer that also
+    feeds TensorBoard): the logged records and the router's inputs."""
+    import json
+
+    path = os.path.join(tmp, "metrics.jsonl")
+    flags = ["--kd-steps", "0", "--moe-expert-capacity-factor", "0.5", "--train-iters", "1",
+             "--log-interval", "1", "--metrics-file", path]  # fmt: skip
+    trainer = _trainer([*COMMON, *STUDENT, *flags])
     probe = _RouterInputs(trainer, LAST_MOE_LAYER + 1)
-    trainer.train_step()
-    out = {"seen": probe.seen, "metrics": trainer.moe.collect()}
+    trainer.train()
     _finish(trainer)
-    return out
+    with open(path) as f:
+        records = {r["group"]: r for r in map(json.loads, f)}
+    return {"seen": probe.seen, "metrics": records["moe"], "train": records["train"]}
 
 
 def _world1(tmp: str) -> dict[str, Any]:
@@ -358,5 +363,6 @@ def test_routing_metrics_match_float64(world1: dict[str, Any]) -> None:
         routed += x.shape[0] * 2
     got = dropped["metrics"][layer + "dropped"]
     assert got == pytest.approx(1 - kept / routed) and got > 0
-    assert math.isclose(dropped["metrics"]["dropped"], sum(
-        dropped["metrics"][f"layer{i}/dropped"] for i in (0, 1, 3)) / 3)  # fmt: skip
+    mean = sum(dropped["metrics"][f"layer{i}/dropped"] for i in (0, 1, 3)) / 3
+    assert math.isclose(dropped["metrics"]["dropped"], mean)
+    assert dropped["train"]["moe_dropped"] == dropped["metrics"]["dropped"]  # the console's
