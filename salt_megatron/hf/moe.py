@@ -103,7 +103,9 @@ def moe_layer_rules(model: ModelConfig, kind: str) -> list[tuple[str, tuple[str,
     """``(megatron suffix, Hugging Face suffixes, how)`` of an MoE layer's MLP (how: copy/cat)."""
     assert model.num_experts is not None
     block, fc1, fc2 = _NAMES[kind]
-    rules = [("mlp.router.weight", (block + "gate.weight",), "copy")]
+    rules: list[tuple[str, tuple[str, ...], str]] = [
+        ("mlp.router.weight", (block + "gate.weight",), "copy")
+    ]
     for e in range(model.num_experts):
         ours, theirs = f"mlp.experts.local_experts.{e}.", f"{block}experts.{e}."
         rules.append((ours + "linear_fc1.weight", tuple(f"{theirs}{n}.weight" for n in fc1), "cat"))

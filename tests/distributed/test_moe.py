@@ -8,7 +8,8 @@ the load-balancing checks below. World 2 and world 4 run the same student, weigh
 * EP 2 with the all-to-all and the all-gather dispatcher (dense teacher), EP 2 from the MoE
   teacher, EP 2 with the distributed optimizer (world 2),
 * TP 2 x EP 2 with sequence parallelism, all-to-all from the MoE teacher at teacher TP 2,
-  all-gather from the dense teacher at teacher TP 1 (world 4),
+  all-gather from the dense teacher at teacher TP 1; PP 2 x EP 2, all-to-all, from the MoE
+  teacher (its forwards spread over the stages) (world 4),
 
 and every step's loss, LM loss, KD loss and grad norm must equal the reference within 1e-5
 (no capacity factor: EP does not change the math). World 2 also saves at EP 2 inside the KD
@@ -68,6 +69,7 @@ WORLD4 = {
         "moe", [*TP2, *EP2, *A2A, "--teacher-tensor-model-parallel-size", "2"]
     ),
     "TP2xEP2-allgather": ("dense", [*TP2, *EP2, *AG]),
+    "PP2xEP2-alltoall-moe-teacher": ("moe", ["--pipeline-model-parallel-size", "2", *EP2, *A2A]),
 }  # fmt: skip
 FIELDS = ("loss", "lm_loss", "kd_loss", "grad_norm")
 LAST_MOE_LAYER = 3  # 0-based index of the last MoE layer (pattern 1 1 0 1)
