@@ -39,10 +39,12 @@ class MoEUnavailable(RuntimeError):
     """An MoE option that needs a GPU (or Transformer Engine) was asked for without one."""
 
 
-def check_moe_device(model: ModelConfig, prefix: str = "") -> None:
-    """Refuse the GPU-only MoE paths on a machine without CUDA; the error names the flag."""
+def check_moe_device(model: ModelConfig) -> None:
+    """Refuse the GPU-only MoE paths on a machine without CUDA; the error names the flag
+    (``--teacher-*`` for the teacher's)."""
     if not model.is_moe or torch.cuda.is_available():
         return
+    prefix = model.FLAG_PREFIX
     if model.moe_grouped_gemm:
         raise MoEUnavailable(
             f"--{prefix}moe-grouped-gemm needs a GPU (Transformer Engine's grouped GEMM); on "

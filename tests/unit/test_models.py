@@ -69,3 +69,13 @@ def test_gpu_only_moe_paths_are_refused_on_the_cpu(flags: dict, message: str) ->
     model = ModelConfig(num_experts=4, **flags)
     with pytest.raises(MoEUnavailable, match=message):
         layer_spec(model, mcfg.transformer_config(model, tp=1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs it")
+def test_the_teachers_gpu_only_moe_flag_is_named() -> None:
+    from salt_megatron.config import TeacherModelConfig
+    from salt_megatron.models.moe import MoEUnavailable, check_moe_device
+
+    teacher = TeacherModelConfig(num_experts=4, moe_token_dispatcher_type="flex")
+    with pytest.raises(MoEUnavailable, match="--teacher-moe-token-dispatcher-type flex"):
+        check_moe_device(teacher)
