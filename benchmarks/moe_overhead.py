@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         f"w={KD_WEIGHT} T={TEMP}; {args.rounds} alternating blocks of {args.steps} KD / "
         f"{args.steps} plain steps of one trainer; {time.perf_counter() - start:.0f} s.\n"
         f"`python benchmarks/moe_overhead.py {' '.join(argv or sys.argv[1:])}`; load average "
-        f"before the run {load:.1f}\n\n" + _table(rows)
+        f"before the run {load:.1f}, after it {os.getloadavg()[0]:.1f}\n\n" + _table(rows)
     )
     print("\n" + text)
     if args.write_docs:
