@@ -63,6 +63,10 @@ SHAPE_FIELDS = (
     "add_bias_linear",
     "add_qkv_bias",
     "qk_layernorm",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_layer_freq",
+    "moe_shared_expert_intermediate_size",
 )
 """Model fields that must match between a checkpoint and the run resuming from it."""
 
@@ -127,6 +131,8 @@ def layout_info(trainer: Any) -> dict[str, Any]:
         "pp": lay.pp,
         "vpp": lay.vpp,
         "dp": lay.dp,
+        "ep": lay.ep,
+        "etp": lay.etp,
         "world_size": dist.get_world_size(),
         "distributed_optimizer": trainer.cfg.parallel.use_distributed_optimizer,
     }
@@ -277,7 +283,9 @@ def check_compatible(meta: dict[str, Any], trainer: Any, fingerprint: str, path:
 def _same_layout(meta: dict[str, Any], trainer: Any) -> bool:
     saved = meta.get("layout") or {}
     now = layout_info(trainer)
-    return all(saved.get(k) == now[k] for k in ("tp", "pp", "vpp", "dp", "world_size"))
+    saved = {"ep": 1, "etp": saved.get("tp"), **saved}  # saved before expert parallelism
+    keys = ("tp", "pp", "vpp", "dp", "ep", "etp", "world_size")
+    return all(saved.get(k) == now[k] for k in keys)
 
 
 def _apply(loaded: dict[str, Any], trainer: Any, with_rng: bool) -> None:
@@ -295,13 +303,15 @@ def _load_sharding(meta: dict[str, Any], trainer: Any, path: str) -> str:
     """The form the checkpoint's optimizer state was saved in, if this run can load it.
 
     A ``dp_reshardable`` distributed-optimizer state is laid out in the saving run's
-    gradient buckets: it loads only at the same TP, PP and virtual PP.
+    gradient buckets: it loads only at the same TP, PP and virtual PP (and, for the experts'
+    buckets, the same expert-parallel and expert tensor-parallel sizes).
     """
     sharding = str(meta.get("optimizer_sharding", FULLY_RESHARDABLE))
     if sharding != DP_RESHARDABLE or not trainer.cfg.parallel.use_distributed_optimizer:
         return sharding
     saved, now = meta.get("layout") or {}, layout_info(trainer)
-    keys = ("tp", "pp", "vpp")
+    saved = {"ep": 1, "etp": saved.get("tp"), **saved}  # saved before expert parallelism
+    keys = ("tp", "pp", "vpp", "ep", "etp")
     moved = [f"{k.upper()} {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
     if moved:
         raise CheckpointError(

@@ -61,12 +61,44 @@ def fusions(model: ModelConfig, on_gpu: bool, kernels: FusedKernels) -> dict[str
     }
 
 
+def moe_fields(model: ModelConfig, ep: int = 1, etp: int | None = None) -> dict[str, Any]:
+    """``TransformerConfig``'s mixture-of-experts fields (none for a dense model).
+
+    ``ep``/``etp``: expert-parallel and expert tensor-parallel sizes (``etp`` None: the TP size,
+    megatron's default). The loss is per token (:func:`transformer_config`), so megatron scales
+    the load-balancing loss by each micro-batch's token count itself (see
+    :mod:`salt_megatron.models.moe`). Fused permutation and router kernels (TE) stay off.
+    """
+    if not model.is_moe:
+        return {}
+    pattern = model.moe_layer_pattern()
+    freq = model.moe_layer_freq[0] if len(model.moe_layer_freq) == 1 else pattern
+    return {
+        "num_moe_experts": model.num_experts,
+        "moe_router_topk": model.moe_router_topk,
+        "moe_ffn_hidden_size": model.moe_ffn_hidden_size or ffn_hidden_size(model),
+        "moe_layer_freq": freq,
+        "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
+        "moe_router_load_balancing_type": model.moe_router_load_balancing_type,
+        "moe_aux_loss_coeff": model.moe_aux_loss_coeff,
+        "moe_router_pre_softmax": model.moe_router_pre_softmax,
+        "moe_expert_capacity_factor": model.moe_expert_capacity_factor,
+        "moe_token_drop_policy": model.moe_token_drop_policy,
+        "moe_token_dispatcher_type": model.moe_token_dispatcher_type,
+        "moe_grouped_gemm": model.moe_grouped_gemm,
+        "expert_model_parallel_size": ep,
+        "expert_tensor_parallel_size": etp,
+    }
+
+
 def transformer_config(
     model: ModelConfig,
     *,
     tp: int,
     pp: int = 1,
     vpp: int | None = None,
+    ep: int = 1,
+    etp: int | None = None,
     sequence_parallel: bool = False,
     bf16: bool = False,
     fp8_format: str | None = None,
@@ -92,6 +124,7 @@ def transformer_config(
     megatron's fused softmax is off, because for causal attention its kernel
     (``ScaledUpperTriangMaskedSoftmax``) applies its own causal mask and ignores the given one;
     the unfused softmax uses the given mask.
+    ``ep``/``etp``: the expert layout of an MoE model (:func:`moe_fields`).
     """
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -137,6 +170,7 @@ def transformer_config(
         fp8_param=fp8_param and fp8_format is not None,
         tp_only_amax_red=tp_only_amax_red,
         **(recompute or {}),
+        **moe_fields(model, ep, etp),
     )
 
 
@@ -158,6 +192,8 @@ def student_transformer_config(cfg: SaltConfig) -> TransformerConfig:
         tp=par.tensor_model_parallel_size,
         pp=par.pipeline_model_parallel_size,
         vpp=par.virtual_pipeline_model_parallel_size,
+        ep=par.expert_model_parallel_size,
+        etp=par.expert_tensor_parallel_size,
         sequence_parallel=par.sequence_parallel,
         bf16=cfg.training.bf16,
         fp8_format=cfg.training.fp8_format,
@@ -183,6 +219,10 @@ def teacher_fp8_recipe(recipe: str) -> str:
 
 def teacher_transformer_config(cfg: SaltConfig, model: ModelConfig) -> TransformerConfig:
     """The frozen teacher's config: its own TP, PP = 1, no dropout, FP8-only weights under FP8.
+
+    An MoE teacher keeps every expert on each rank (EP 1), split over its TP group like its dense
+    layers (expert TP = teacher TP): its forward is frozen inference, so its router adds no
+    load-balancing loss (megatron computes it only in training mode, with gradients).
 
     FP8 weights use :func:`teacher_fp8_recipe`. Amax reductions (of activations, under current
     scaling only where a tensor is split across ranks) stay inside the teacher's TP group.

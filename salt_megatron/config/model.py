@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from salt_megatron.config.base import check, check_positive, flag
@@ -65,6 +65,38 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: megatron-core's local modules, or Transformer Engine (needs TE)."""
+    num_experts: int | None = None
+    """Experts per mixture-of-experts (MoE) layer; None: a dense model."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of each expert's MLP; None: --ffn-hidden-size."""
+    moe_layer_freq: list[int] = field(default_factory=lambda: [1])
+    """Which layers are MoE layers: one number N (an MoE layer every N layers, layer 0 first), or
+    one 0/1 entry per layer (1: MoE, 0: dense MLP), as Megatron-LM's pattern."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Width of the shared expert every token also passes through (all shared experts together);
+    None: no shared expert."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    """Load-balancing loss of the router: over the micro-batch (aux_loss, Switch/GShard), per
+    sequence (seq_aux_loss, DeepSeek-V2), or none."""
+    moe_aux_loss_coeff: float = 0.0
+    """Scale of the load-balancing loss added to the training loss (0: none)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before the top-k (the k probabilities then do not sum to 1;
+    Qwen3-MoE with norm_topk_prob false); default: softmax over the top-k logits (Mixtral)."""
+    moe_expert_capacity_factor: float | None = None
+    """Tokens an expert takes per micro-batch, as a multiple of an even share; tokens past it are
+    dropped. None: dropless (every token reaches its k experts)."""
+    moe_token_drop_policy: Literal["probs", "position"] = "probs"
+    """With a capacity factor, which tokens an expert drops: the lowest routing probabilities, or
+    the latest positions."""
+    moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "allgather"
+    """How tokens reach their experts: all-gather over the expert-parallel and TP ranks,
+    all-to-all (each token only to its experts' ranks), or flex (DeepEP; GPUs only)."""
+    moe_grouped_gemm: bool = False
+    """Run a rank's experts as one grouped GEMM (Transformer Engine's TEGroupedMLP; needs
+    --transformer-impl transformer_engine and a GPU) instead of one MLP after another."""
 
     FLAG_PREFIX: ClassVar[str] = ""
 
@@ -102,6 +134,66 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             check(0.0 <= value < 1.0, f"{flag(name, prefix)} must be in [0, 1), got {value}")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        prefix = self.FLAG_PREFIX
+        check_positive(self, prefix, "num_experts", "moe_router_topk", "moe_ffn_hidden_size")
+        check_positive(self, prefix, "moe_shared_expert_intermediate_size")
+        check_positive(self, prefix, "moe_expert_capacity_factor")
+        check(self.moe_aux_loss_coeff >= 0, f"{flag('moe_aux_loss_coeff', prefix)} must be >= 0")
+        self.moe_layer_pattern()  # checks --moe-layer-freq
+        if self.num_experts is None:
+            moe_only = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                        "moe_expert_capacity_factor")  # fmt: skip
+            given = [flag(n, prefix) for n in moe_only if getattr(self, n) is not None]
+            given += [flag("moe_grouped_gemm", prefix)] if self.moe_grouped_gemm else []
+            check(not given, f"{', '.join(given)} need {flag('num_experts', prefix)}")
+            return
+        check(
+            self.moe_router_topk <= self.num_experts,
+            f"{flag('moe_router_topk', prefix)} {self.moe_router_topk} exceeds "
+            f"{flag('num_experts', prefix)} {self.num_experts}",
+        )
+        check(
+            self.moe_router_topk > 1 or self.moe_router_pre_softmax,
+            f"{flag('moe_router_topk', prefix)} 1 needs {flag('moe_router_pre_softmax', prefix)} "
+            "(a softmax over the one chosen logit is always 1)",
+        )
+        check(
+            not (self.add_bias_linear and self.moe_shared_expert_intermediate_size),
+            f"{flag('moe_shared_expert_intermediate_size', prefix)} does not support "
+            f"{flag('add_bias_linear', prefix)} (megatron-core's shared experts have no biases)",
+        )
+        check(
+            not self.moe_grouped_gemm or self.transformer_impl == "transformer_engine",
+            f"{flag('moe_grouped_gemm', prefix)} needs --transformer-impl transformer_engine "
+            "(TEGroupedMLP)",
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the model has mixture-of-experts layers."""
+        return self.num_experts is not None and any(self.moe_layer_pattern())
+
+    def moe_layer_pattern(self) -> list[int]:
+        """1 for every MoE layer, 0 for every dense one (length --num-layers; all 0 when dense).
+
+        ``--moe-layer-freq N``: layers 0, N, 2N... are MoE layers; ``num_layers`` 0/1 entries:
+        that pattern.
+        """
+        prefix, freq = self.FLAG_PREFIX, self.moe_layer_freq
+        name = flag("moe_layer_freq", prefix)
+        if self.num_experts is None:
+            return [0] * self.num_layers
+        if len(freq) == 1 and freq[0] >= 1:
+            return [1 if i % freq[0] == 0 else 0 for i in range(self.num_layers)]
+        check(
+            len(freq) == self.num_layers and set(freq) <= {0, 1},
+            f"{name} {freq}: give one number N >= 1 (an MoE layer every N layers) or "
+            f"{self.num_layers} entries of 0 (dense) and 1 (MoE), one per layer",
+        )
+        return list(freq)
 
     @property
     def head_dim(self) -> int:

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from salt_megatron.config.base import ConfigError, check, check_positive, flag
 from salt_megatron.config.distill import DistillConfig
 from salt_megatron.config.model import ModelConfig, TeacherModelConfig
+from salt_megatron.config.parallel import ParallelConfig
 from salt_megatron.config.sft import SFTConfig, check_sft_run
 
 __all__ = [
@@ -20,74 +21,6 @@ __all__ = [
     "ModelConfig", "OptimConfig", "ParallelConfig", "SFTConfig", "SaltConfig",
     "TeacherModelConfig", "TrainingConfig",
 ]  # fmt: skip
-
-
-@dataclass
-class ParallelConfig:
-    """How the student (and the teacher) are sharded."""
-
-    tensor_model_parallel_size: int = 1
-    """Student tensor-parallel size (the vocabulary is sharded this many ways)."""
-    pipeline_model_parallel_size: int = 1
-    """Student pipeline-parallel size (stages)."""
-    virtual_pipeline_model_parallel_size: int | None = None
-    """Model chunks per pipeline stage for the interleaved schedule; None for plain 1F1B."""
-    sequence_parallel: bool = False
-    """Shard layer-norm/dropout activations along the sequence over the TP group."""
-    use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
-    overlap_grad_reduce: bool = False
-    """Overlap the data-parallel gradient reduction with the backward pass."""
-    overlap_param_gather: bool = False
-    """Overlap the distributed optimizer's parameter all-gather with the next forward pass
-    (needs --use-distributed-optimizer and --overlap-grad-reduce)."""
-    align_param_gather: bool = False
-    """Launch the overlapped parameter all-gathers of all pipeline stages together, from the
-    schedule (needs --overlap-param-gather)."""
-    grad_reduce_in_bf16: bool = False
-    """Accumulate and reduce gradients in bfloat16 instead of float32 (needs --bf16)."""
-    ddp_bucket_size: int | None = None
-    """Parameters per gradient-reduction bucket; None: megatron's max(40M, 1M x DP)."""
-    teacher_tensor_model_parallel_size: int = 1
-    """Teacher tensor-parallel size: a divisor of the student's (or equal)."""
-    distributed_timeout_minutes: int = 10
-    """Timeout of collective operations."""
-
-    def __post_init__(self) -> None:
-        check_positive(self, "", "tensor_model_parallel_size", "pipeline_model_parallel_size")
-        check_positive(self, "", "virtual_pipeline_model_parallel_size")
-        check_positive(
-            self, "", "teacher_tensor_model_parallel_size", "distributed_timeout_minutes"
-        )
-        check_positive(self, "", "ddp_bucket_size")
-        check(
-            not self.overlap_param_gather
-            or (self.use_distributed_optimizer and self.overlap_grad_reduce),
-            "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce",
-        )
-        check(
-            not self.align_param_gather or self.overlap_param_gather,
-            "--align-param-gather needs --overlap-param-gather",
-        )
-        vpp = self.virtual_pipeline_model_parallel_size
-        check(
-            vpp is None or self.pipeline_model_parallel_size > 1,
-            "--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1",
-        )
-        check(
-            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
-            "--sequence-parallel needs --tensor-model-parallel-size > 1",
-        )
-        check(
-            self.tensor_model_parallel_size % self.teacher_tensor_model_parallel_size == 0,
-            f"--teacher-tensor-model-parallel-size {self.teacher_tensor_model_parallel_size} must "
-            f"divide --tensor-model-parallel-size {self.tensor_model_parallel_size}",
-        )
-
-    @property
-    def model_parallel_size(self) -> int:
-        """Ranks holding one copy of the student: TP x PP."""
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
 
 @dataclass
@@ -415,6 +348,7 @@ class SaltConfig:
             "--recompute-modules layernorm needs --transformer-impl transformer_engine "
             "(megatron-core's output-discarding checkpoint imports Transformer Engine)",
         )
+        self._check_moe()
         decay_iters = self.optim.lr_decay_iters or self.training.train_iters
         wsd = self.optim.lr_wsd_decay_iters
         check(
@@ -430,6 +364,33 @@ class SaltConfig:
             "chunk (and divide them with --recompute-method uniform)",
         )  # fmt: skip
 
+    def _check_moe(self) -> None:
+        """Expert parallelism against the student's shape (Megatron-LM's checks)."""
+        par, model = self.parallel, self.model
+        ep = par.expert_model_parallel_size
+        if not model.is_moe:
+            check(
+                ep == 1 and par.expert_tensor_parallel_size is None,
+                "--expert-model-parallel-size and --expert-tensor-parallel-size need an MoE "
+                "student (--num-experts)",
+            )
+            return
+        assert model.num_experts is not None
+        check(
+            model.num_experts % ep == 0,
+            f"--num-experts {model.num_experts} is not divisible by "
+            f"--expert-model-parallel-size {ep}",
+        )
+        check(
+            par.tensor_model_parallel_size == 1 or par.sequence_parallel,
+            "an MoE student with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+            "(as in Megatron-LM: the router and the dispatchers take each token once)",
+        )
+        check(
+            not model.add_bias_linear or par.expert_tp == 1,
+            "--add-bias-linear in MoE layers needs --expert-tensor-parallel-size 1",
+        )
+
     def validate_world(self, world_size: int) -> None:
         """Checks that need the world size (before any process group starts)."""
         mp = self.parallel.model_parallel_size
@@ -437,6 +398,12 @@ class SaltConfig:
             world_size % mp == 0,
             f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
             f"--pipeline-model-parallel-size = {mp}",
+        )
+        emp = self.parallel.expert_model_parallel_ranks
+        check(
+            world_size % emp == 0,
+            f"world size {world_size} is not divisible by expert TP x "
+            f"--expert-model-parallel-size x --pipeline-model-parallel-size = {emp}",
         )
         dp = world_size // mp
         tr = self.training

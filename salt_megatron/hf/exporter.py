@@ -1,8 +1,9 @@
 """Export a checkpoint to a Hugging Face ``transformers`` folder (config, weights, tokenizer).
 
 The full weights are read by building the model at TP = PP = 1 in one process (a world of 1) and
-loading the dist checkpoint into it (any saved layout), then renamed by :mod:`.format` into
-Llama's names (Qwen2's with a QKV bias, Qwen3's with QK layernorm; a checkpoint made by
+loading the dist checkpoint into it (any saved layout, any expert-parallel size), then renamed
+by :mod:`.format` into Llama's names (Qwen2's with a QKV bias, Qwen3's with QK layernorm;
+Qwen3-MoE's or Mixtral's for a mixture-of-experts model; a checkpoint made by
 ``import_hf`` keeps its source architecture and ``config.json``, so the round trip is exact). The
 padded vocabulary rows (megatron pads the embedding to a multiple of 128 x TP) are dropped by
 default, so the exported ``vocab_size`` is the tokenizer's and generation can never emit an id
@@ -190,7 +191,7 @@ def write_hf_folder(
     padded = int(meta["padded_vocab_size"])
     vocab = int(source_config.get("vocab_size", meta.get("vocab_size") or padded))
     vocab = padded if keep_padded_vocab else vocab
-    hf_sd = megatron_to_hf(sd, model, vocab)
+    hf_sd = megatron_to_hf(sd, model, vocab, arch)
     os.makedirs(out, exist_ok=True)
     special = write_tokenizer(out, tokenizer, model.max_position_embeddings) if tokenizer else {}
     dtype = next(iter(hf_sd.values())).dtype

@@ -3,8 +3,9 @@
 The one mapping that ``import_hf`` (Hugging Face -> our checkpoint) and ``export_hf`` (our
 checkpoint -> Hugging Face) share, so that ``export(import(x)) == x``. Supported: ``Llama``
 (1/2/3.x, Llama 3 RoPE scaling, linear RoPE interpolation), ``Mistral``, ``Qwen2``/``Qwen2.5``
-(QKV bias) and ``Qwen3`` (QK norm). Anything these cannot express exactly is a
-:class:`HFFormatError` naming the option: never an approximation.
+(QKV bias), ``Qwen3`` (QK norm), and the mixture-of-experts ``Qwen3-MoE`` and ``Mixtral``
+(their MoE fields and weights: :mod:`salt_megatron.hf.moe`). Anything these cannot express
+exactly is a :class:`HFFormatError` naming the option: never an approximation.
 
 Weights, per layer (megatron name after ``decoder.layers.i.``, Hugging Face after
 ``model.layers.i.``): ``input_layernorm`` = ``input_layernorm``; ``self_attention.linear_qkv``
@@ -12,8 +13,9 @@ Weights, per layer (megatron name after ``decoder.layers.i.``, Hugging Face afte
 head, then its value head; the bias likewise); ``linear_proj`` = ``o_proj``;
 ``q_layernorm``/``k_layernorm`` = ``q_norm``/``k_norm``; ``pre_mlp_layernorm`` =
 ``post_attention_layernorm``; ``mlp.linear_fc1`` = ``[gate_proj; up_proj]``; ``linear_fc2`` =
-``down_proj``. Then ``embedding.word_embeddings`` = ``model.embed_tokens``,
-``decoder.final_layernorm`` = ``model.norm``, ``output_layer`` = ``lm_head`` (untied only).
+``down_proj`` (an MoE layer's MLP: :func:`salt_megatron.hf.moe.moe_layer_rules`). Then
+``embedding.word_embeddings`` = ``model.embed_tokens``, ``decoder.final_layernorm`` =
+``model.norm``, ``output_layer`` = ``lm_head`` (untied only).
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ from typing import Any
 import torch
 
 from salt_megatron.config.schema import ConfigError, ModelConfig
+from salt_megatron.hf.moe import (
+    MOE_ARCHITECTURES,
+    moe_architecture_for,
+    moe_fields_from_hf,
+    moe_hf_config,
+    moe_layer_rules,
+)
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    **MOE_ARCHITECTURES,
 }
 """Supported ``architectures`` entry -> ``model_type``."""
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -109,13 +119,14 @@ def _attention_window(
 ) -> int:
     """The context length, narrowed to a sliding window that is never reached inside it."""
     window = config.get("sliding_window")
-    uses_window = config.get("use_sliding_window", arch == "mistral")
+    windowed = arch in ("mistral", "mixtral")
+    uses_window = config.get("use_sliding_window", windowed)
     layer_types = set(config.get("layer_types") or [])
     if layer_types - {"full_attention"}:
         problems.append(f"layer_types {sorted(layer_types)} (only full attention)")
     if not uses_window or window is None or window >= max_pos:
         return max_pos
-    if arch != "mistral":
+    if not windowed:
         problems.append(f"use_sliding_window with sliding_window {window}")
         return max_pos
     notes.append(
@@ -142,6 +153,9 @@ def model_config_from_hf(config: dict[str, Any]) -> HFModel:
     max_pos = _attention_window(
         config, kind, int(config["max_position_embeddings"]), problems, notes
     )
+    moe = {}
+    if kind in MOE_ARCHITECTURES.values():
+        moe = moe_fields_from_hf(config, kind, problems, notes)
     if problems:
         raise HFFormatError(f"{arch}: unsupported: " + "; ".join(problems))
     try:
@@ -160,9 +174,10 @@ def model_config_from_hf(config: dict[str, Any]) -> HFModel:
             untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
             add_bias_linear=False,
             add_qkv_bias=kind == "qwen2",
-            qk_layernorm=kind == "qwen3",
+            qk_layernorm=kind in ("qwen3", "qwen3_moe"),
             init_method_std=float(config.get("initializer_range", 0.02)),
             **rope,
+            **moe,
         )
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise HFFormatError(f"{arch}: bad config.json: {exc}") from None
@@ -183,8 +198,11 @@ def architecture_for(model: ModelConfig) -> str:
         problems.append("biases in the linear layers (--add-bias-linear)")
     if model.add_qkv_bias and model.qk_layernorm:
         problems.append("QKV bias together with QK layernorm (no supported architecture has both)")
+    arch = moe_architecture_for(model, problems) if model.is_moe else None
     if problems:
         raise HFFormatError("no Hugging Face architecture fits: " + "; ".join(problems))
+    if arch is not None:
+        return arch
     if model.qk_layernorm:
         return "Qwen3ForCausalLM"
     return "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"
@@ -229,7 +247,7 @@ def hf_config(
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         config |= {"attention_bias": False}
     if arch == "LlamaForCausalLM":
         config |= {"mlp_bias": False}
@@ -237,6 +255,10 @@ def hf_config(
         config |= {"sliding_window": None}
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         config |= {"use_sliding_window": False, "max_window_layers": model.num_layers}
+    if arch == "Qwen3MoeForCausalLM":
+        config |= {"use_sliding_window": False}
+    if arch in MOE_ARCHITECTURES:
+        config |= moe_hf_config(model, arch, model.moe_ffn_hidden_size or ffn)
     return config
 
 
@@ -271,17 +293,27 @@ def merge_qkv(
     return torch.cat(parts, dim=1).reshape(-1, *rest).contiguous()
 
 
-def layer_rules(model: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
-    """``(megatron suffix, Hugging Face suffixes, how)`` per layer tensor; how: copy/qkv/cat."""
+def layer_rules(
+    model: ModelConfig, moe: bool = False, arch: str | None = None
+) -> list[tuple[str, tuple[str, ...], str]]:
+    """``(megatron suffix, Hugging Face suffixes, how)`` per layer tensor; how: copy/qkv/cat.
+
+    ``moe``: an MoE layer of architecture ``arch`` (its router and experts' names).
+    """
     attn, mlp = "self_attn.", "mlp."
     rules = [
         ("input_layernorm.weight", ("input_layernorm.weight",), "copy"),
         ("self_attention.linear_qkv.weight", tuple(f"{attn}{x}_proj.weight" for x in "qkv"), "qkv"),
         ("self_attention.linear_proj.weight", (attn + "o_proj.weight",), "copy"),
         ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy"),
-        ("mlp.linear_fc1.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), "cat"),
-        ("mlp.linear_fc2.weight", (mlp + "down_proj.weight",), "copy"),
     ]
+    if moe:
+        rules += moe_layer_rules(model, MOE_ARCHITECTURES[arch or "Qwen3MoeForCausalLM"])
+    else:
+        rules += [
+            ("mlp.linear_fc1.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), "cat"),
+            ("mlp.linear_fc2.weight", (mlp + "down_proj.weight",), "copy"),
+        ]
     if model.add_qkv_bias:
         rules.append(
             ("self_attention.linear_qkv.bias", tuple(f"{attn}{x}_proj.bias" for x in "qkv"), "qkv")
@@ -298,12 +330,16 @@ def _heads(model: ModelConfig) -> tuple[int, int, int]:
 
 
 def hf_to_megatron(
-    get: Callable[[str], torch.Tensor], model: ModelConfig, padded_vocab: int
+    get: Callable[[str], torch.Tensor],
+    model: ModelConfig,
+    padded_vocab: int,
+    arch: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(megatron name, tensor)`` of a TP = 1 local-spec GPT, one at a time, from ``get(name)``.
 
     Embedding (and untied output) rows are zero-extended to ``padded_vocab``. ``get`` raises for
-    a missing name; the caller checks that every Hugging Face tensor was asked for.
+    a missing name; the caller checks that every Hugging Face tensor was asked for. ``arch``:
+    the Hugging Face architecture (names an MoE model's expert weights).
     """
     shape = _heads(model)
 
@@ -315,9 +351,9 @@ def hf_to_megatron(
         return out
 
     yield "embedding.word_embeddings.weight", padded(get("model.embed_tokens.weight"))
-    for i in range(model.num_layers):
+    for i, moe in enumerate(model.moe_layer_pattern()):
         src = f"model.layers.{i}."
-        for ours, theirs, how in layer_rules(model):
+        for ours, theirs, how in layer_rules(model, bool(moe), arch):
             parts = [get(src + name) for name in theirs]
             if how == "qkv":
                 q, k, v = parts
@@ -331,7 +367,7 @@ def hf_to_megatron(
 
 
 def megatron_to_hf(
-    sd: dict[str, torch.Tensor], model: ModelConfig, vocab: int
+    sd: dict[str, torch.Tensor], model: ModelConfig, vocab: int, arch: str | None = None
 ) -> dict[str, torch.Tensor]:
     """A TP = 1 megatron GPT state dict -> Hugging Face names; embedding rows cut to ``vocab``.
 
@@ -350,9 +386,9 @@ def megatron_to_hf(
     if model.untie_embeddings_and_output_weights:
         out["lm_head.weight"] = left.pop("output_layer.weight")[:vocab]
     shape = _heads(model)
-    for i in range(model.num_layers):
+    for i, moe in enumerate(model.moe_layer_pattern()):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for ours, theirs, how in layer_rules(model):
+        for ours, theirs, how in layer_rules(model, bool(moe), arch):
             tensor = left.pop(src + ours)
             if how == "qkv":
                 parts: tuple[torch.Tensor, ...] = split_qkv(tensor, *shape)

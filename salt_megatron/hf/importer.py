@@ -2,8 +2,9 @@
 
     python tools/import_hf.py --hf-dir hf/Qwen2.5-0.5B --output ckpt/qwen2.5-0.5b
 
-Supported: Llama (1/2/3.x), Mistral, Qwen2/2.5, Qwen3 (see :mod:`salt_megatron.hf.format`, the
-mapping :mod:`salt_megatron.hf.exporter` shares). The weights are read from ``model.safetensors``
+Supported: Llama (1/2/3.x), Mistral, Qwen2/2.5, Qwen3, and the mixture-of-experts Qwen3-MoE and
+Mixtral (see :mod:`salt_megatron.hf.format`, the mapping :mod:`salt_megatron.hf.exporter`
+shares). The weights are read from ``model.safetensors``
 (or the shards of ``model.safetensors.index.json``; never a pickle), renamed and fused into a
 megatron-core GPT built at TP = PP = 1 (local layer spec, no initialisation), and saved with
 dist-checkpointing under ``<output>/iter_0000000`` like a checkpoint of our trainer, so any
@@ -155,7 +156,9 @@ def _fill(gpt: Any, plan: ImportPlan) -> int:
     params = dict(gpt.named_parameters())
     filled: set[str] = set()
     with torch.no_grad():
-        for name, tensor in hf_to_megatron(reader.get, plan.model, plan.padded_vocab):
+        for name, tensor in hf_to_megatron(
+            reader.get, plan.model, plan.padded_vocab, plan.source.architecture
+        ):
             target = params.get(name)
             if target is None or target.shape != tensor.shape:
                 have = None if target is None else tuple(target.shape)

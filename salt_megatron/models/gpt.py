@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
@@ -26,6 +27,7 @@ from megatron.core.utils import get_pg_rank
 
 from salt_megatron import runtime
 from salt_megatron.config.schema import ModelConfig
+from salt_megatron.models.moe import check_moe_device, moe_mlp_spec, without_te_gemm
 
 
 class TransformerEngineUnavailable(RuntimeError):
@@ -111,7 +113,15 @@ def _local_block_spec(
         submodules=subs,
     )
     n_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=LocalNorm)
+    if not model.is_moe:
+        return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=LocalNorm)
+    moe_layer = dataclasses.replace(
+        layer, submodules=dataclasses.replace(layer.submodules, mlp=moe_mlp_spec())
+    )
+    offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
+    pattern = model.moe_layer_pattern()[offset : offset + n_layers]
+    specs = [moe_layer if is_moe else layer for is_moe in pattern]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LocalNorm)
 
 
 def layer_spec(
@@ -121,7 +131,12 @@ def layer_spec(
     pp_rank: int | None = None,
     init_seed: int = 0,
 ) -> ModuleSpec | TransformerBlockSubmodules:
-    """The decoder spec for ``model.transformer_impl``; TE asked for and absent is an error."""
+    """The decoder spec for ``model.transformer_impl``; TE asked for and absent is an error.
+
+    An MoE model under Transformer Engine takes megatron's own block spec (its MoE layers at
+    --moe-layer-freq, TEGroupedMLP experts with --moe-grouped-gemm): unrun here, no GPU.
+    """
+    check_moe_device(model)
     if model.transformer_impl == "transformer_engine":
         if not have_transformer_engine():
             raise TransformerEngineUnavailable(
@@ -129,7 +144,14 @@ def layer_spec(
                 "cannot be imported; install it (pip install 'salt-megatron[gpu]' or the NVIDIA "
                 "PyTorch container) or use --transformer-impl local"
             )
+        if model.is_moe:
+            return get_gpt_decoder_block_spec(
+                config, use_transformer_engine=True, normalization=model.normalization,
+                vp_stage=vp_stage, pp_rank=pp_rank,
+            )  # fmt: skip
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    if model.is_moe:
+        without_te_gemm()
     return _local_block_spec(model, config, vp_stage, pp_rank, init_seed)
 
 

@@ -16,7 +16,12 @@ from salt_megatron.config.schema import ParallelConfig
 
 @dataclass(frozen=True)
 class StudentLayout:
-    """Sizes, ranks and groups of the student's TP x PP x DP layout on this rank."""
+    """Sizes, ranks and groups of the student's TP x PP x DP layout on this rank.
+
+    The experts of MoE layers have their own decomposition of each pipeline stage's ranks
+    (megatron's): expert TP x EP x expert DP, ``etp * ep * edp = tp * dp``. Expert weights
+    are replicated (and their gradients reduced) over the expert DP group only.
+    """
 
     tp: int
     pp: int
@@ -28,6 +33,10 @@ class StudentLayout:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    ep: int = 1
+    etp: int = 1
+    edp: int = 1
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -44,13 +53,16 @@ def init_student_parallel(par: ParallelConfig, seed: int) -> StudentLayout:
     """Create megatron's TP/PP/DP groups for the student and seed every rank's RNGs.
 
     Needs ``torch.distributed`` initialised. The dropout seed follows megatron's convention
-    (seed + 2718 + tp_rank inside TP regions); weights are initialised from ``seed`` alone so that
-    any layout gets the same weights.
+    (seed + 2718 + tp_rank inside TP regions; seed + 1024 + 100 ep_rank + etp_rank in experts,
+    the 'expert-parallel-rng' stream); weights are initialised from ``seed`` alone so that any
+    layout gets the same weights.
     """
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_parallel_size,
         distributed_timeout_minutes=par.distributed_timeout_minutes,
     )
     reseed(seed)
@@ -91,4 +103,8 @@ def current_layout() -> StudentLayout:
         tp_group=mpu.get_tensor_model_parallel_group(),
         pp_group=mpu.get_pipeline_model_parallel_group(),
         dp_group=mpu.get_data_parallel_group(),
+        ep=mpu.get_expert_model_parallel_world_size(),
+        etp=mpu.get_expert_tensor_parallel_world_size(),
+        edp=mpu.get_expert_data_parallel_world_size(),
+        ep_rank=mpu.get_expert_model_parallel_rank(),
     )

@@ -13,6 +13,13 @@ sequences, and this group all-gathers them (see :mod:`salt_megatron.parallel.tea
 Only the last stage's ranks apply the output layer (the head); ``head_index`` numbers the last
 stage's student TP groups for the head's replica ids.
 
+An MoE teacher runs at expert-parallel size 1: each rank holds all its experts, split by the
+teacher TP size like its dense layers (expert TP group = teacher TP group, expert data-parallel
+group = replica group, expert-parallel group = the rank alone). Expert parallelism would tie the
+teacher forwards of different ranks together in all-to-alls, but at PP > 1 the stages run
+different numbers of teacher forwards per step (:mod:`salt_megatron.parallel.teacher_pipeline`);
+the teacher is the smaller model of SALT and its weights are frozen (no optimizer state).
+
 ``torch.distributed.new_group`` is collective over the world: :func:`build_teacher_groups` is
 called by every rank and creates every group in the same order. The size-1 groups for pipeline,
 context and embedding roles are created with ``use_local_synchronization`` (only their member
@@ -120,6 +127,7 @@ def build_teacher_groups(
     pgs = ProcessGroupCollection(
         tp=my_tp, pp=single, cp=single, embd=single, pos_embd=single,
         tp_cp=my_tp, mp=my_tp, dp=my_dp, dp_cp=my_dp,
+        ep=single, expt_tp=my_tp, tp_ep=my_tp, expt_dp=my_dp, tp_dp_cp=dist.group.WORLD,
     )  # fmt: skip
     index = next((i for i, ranks in enumerate(last_groups) if me in ranks), None)
     return TeacherGroups(teacher_tp, tp_rank, pgs, owned, my_gather, index)

@@ -24,6 +24,7 @@ from salt_megatron.runtime import device
 from salt_megatron.training import metrics
 from salt_megatron.training.batch_schedule import BatchSchedule
 from salt_megatron.training.logger import MetricsWriter, log, setup_console
+from salt_megatron.training.moe_metrics import MoEMetrics
 from salt_megatron.training.optimizer import build_optimizer, build_scheduler, guarded_step
 from salt_megatron.training.phase import KDPhase
 from salt_megatron.training.profiling import StepProfiler
@@ -145,14 +146,28 @@ class Trainer:
         self._flops_per_token = model_flops.train_flops_per_token(
             cfg.model, cfg.data.seq_length, self.padded_vocab
         )
+        self.moe = self._moe_metrics()
         n_params = count_parameters(self.model)
+        lay = self.layout
+        experts = (
+            f" EP={lay.ep} expert-TP={lay.etp} expert-DP={lay.edp}" if cfg.model.is_moe else ""
+        )
         log.info(
-            f"student: {n_params / 1e6:.2f}M parameters on this rank | layout TP={self.layout.tp} "
-            f"PP={self.layout.pp} VPP={self.layout.vpp} DP={self.layout.dp} | "
+            f"student: {n_params / 1e6:.2f}M parameters on this rank | layout TP={lay.tp} "
+            f"PP={lay.pp} VPP={lay.vpp} DP={lay.dp}{experts} | "
             f"padded vocab {self.padded_vocab} | micro-batches/step: {self.num_microbatches}"
         )
 
     # ---- set-up ----------------------------------------------------------------------------
+    def _moe_metrics(self) -> MoEMetrics | None:
+        model = self.cfg.model
+        if not model.is_moe:
+            return None
+        assert model.num_experts is not None
+        chunks = [chunk.module for chunk in self.model]
+        return MoEMetrics(chunks, model.num_layers, model.num_experts, model.moe_router_topk,
+                          self.layout.tp, device())  # fmt: skip
+
     @property
     def num_microbatches(self) -> int:
         """Micro-batches of the next step on each data-parallel rank."""
@@ -344,8 +359,14 @@ class Trainer:
             values.update(tflops_per_gpu=tflops, mfu=tflops / peak)
         if self.cfg.logging.log_memory:
             values |= self._log_memory()
+        moe = self.moe.collect() if self.moe is not None else {}
+        short = {"load_balancing_loss": "moe_lb_loss", "load_max_over_mean": "moe_max_load",
+                 "dropped": "moe_dropped"}  # fmt: skip
+        values |= {name: moe[key] for key, name in short.items() if key in moe}
         self.writer.console(self.step, self.cfg.training.train_iters, values)
         self.writer.scalars(self.step, values, prefix="train/")
+        if moe:
+            self.writer.scalars(self.step, moe, prefix="moe/")
 
     def _log_memory(self) -> dict[str, float]:
         """Every rank's peak memory of the window to TensorBoard; the largest for the console."""

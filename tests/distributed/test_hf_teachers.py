@@ -1,13 +1,15 @@
 """Teachers from Hugging Face and Megatron-LM checkpoints, on gloo ranks (one world-2 launch).
 
-The parent makes a byte-level BPE tokenizer (500 tokens) and four random ``transformers`` models
+The parent makes a byte-level BPE tokenizer (500 tokens) and six random ``transformers`` models
 (Llama with Llama 3 RoPE scaling and tied embeddings, Mistral with a head width unlike
 hidden/heads, a sliding window and linear RoPE interpolation, Qwen2 with QKV biases, Qwen3 with
-QK norms), each embedding 512 rows as Qwen pads its vocabulary, and computes their logits. The
-ranks then:
+QK norms, Qwen3-MoE with 4 experts, top-2 without renormalisation and a dense layer, Mixtral
+with 4 experts, top-2), each embedding 512 rows as Qwen pads its vocabulary, and computes their
+logits. The ranks then:
 
 1. import every model with ``import_hf.convert`` and check the round trip through
-   ``hf.format.megatron_to_hf`` is bitwise; write a Qwen2 export from a generated config;
+   ``hf.format.megatron_to_hf`` is bitwise; write Qwen2, Qwen3-MoE and Mixtral exports from
+   generated configs (as a trained student has no source config);
 2. build each as a teacher inside a student TP group of 2 at teacher TP 1 (student padded
    vocabulary 504) and teacher TP 2 (padded 800): logits equal transformers' on the 500 real
    columns, PAD_LOGIT elsewhere, and the KD loss equals the dense float64 reference over the
@@ -49,7 +51,12 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
                                       rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", dict(head_dim=32)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, mlp_only_layers=[1])),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
 }  # fmt: skip
+EXPORTS = ("qwen2", "qwen3_moe", "mixtral")
+"""Exported from a generated config.json and loaded by transformers (ours: teacher TP 2)."""
 
 
 def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,10 +76,12 @@ def _hf_model(arch: str, out: Path, tok: Path) -> dict[str, torch.Tensor]:
     torch.manual_seed(len(arch))
     config = getattr(transformers, name)(**{**BASE, **extra})
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():  # non-trivial norms and biases (their init is 1 and 0)
+    with torch.no_grad():  # non-trivial norms and biases (their init is 1 and 0), routers
         for pname, param in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 param.copy_(1.0 + 0.3 * torch.randn_like(param))
+            if pname.endswith(".gate.weight"):  # distinct router logits: no top-k ties
+                param.copy_(torch.randn_like(param))
     model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / f, out / f)
@@ -130,16 +139,16 @@ def _import_and_round_trip(spec: dict[str, Any]) -> dict[str, Any]:
         load_weights(gpt, layout.iteration_dir(ckpt, 0))
         sd = {k: v for k, v in gpt.state_dict().items() if isinstance(v, torch.Tensor)}
         back, original = (
-            megatron_to_hf(sd, plan.model, ROWS),
+            megatron_to_hf(sd, plan.model, ROWS, plan.source.architecture),
             load_file(f"{hf_dir}/model.safetensors"),
         )
         out[arch] = sorted(back) == sorted(original) and all(
             torch.equal(back[k], original[k]) for k in original
         )
-        if arch == "qwen2" and dist.get_rank() == 0:  # a trained student has no source config
+        if arch in EXPORTS and dist.get_rank() == 0:  # a trained student has no source config
             meta = {k: v for k, v in layout.read_meta(layout.iteration_dir(ckpt, 0)).items()
                     if k != "source"}  # fmt: skip
-            write_hf_folder(os.path.join(spec["root"], "export_qwen2"), sd, plan.model, meta,
+            write_hf_folder(os.path.join(spec["root"], f"export_{arch}"), sd, plan.model, meta,
                             plan.tokenizer)  # fmt: skip
     dist.barrier()
     mpu.destroy_model_parallel()
@@ -286,22 +295,25 @@ def test_hf_and_megatron_lm_teachers(hf: dict[str, Any]) -> None:
                 assert err is True, (name, t)  # bitwise equal to the imported teacher
             else:
                 assert err < 1e-4, (name, t, err)
-    assert results[0]["errors"]["llama", 2] < 1e-4 and len(results[0]["errors"]) == 13
+    assert results[0]["errors"]["llama", 2] < 1e-4 and len(results[0]["errors"]) == 17
     root = Path(hf["root"])
     assert (root / "mlm_vpp" / "release" / ".metadata").exists()
     assert not (root / "mlm_vpp" / "release" / "common.pt").exists()
     assert (root / "mlm_tp2" / "iter_0000007" / "common.pt").exists()
 
-    # The generated-config Qwen2 export in transformers: our teacher's logits (teacher TP 2).
-    config = json.loads((root / "export_qwen2" / "config.json").read_text())
-    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["vocab_size"] == VOCAB
-    exported = transformers.AutoModelForCausalLM.from_pretrained(
-        root / "export_qwen2", dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    with torch.no_grad():
-        theirs_sbv = exported(input_ids=_tokens()[0]).logits.transpose(0, 1)
-    ours_sbv = torch.cat([r["logits"]["qwen2", 2] for r in results], dim=-1)[..., :VOCAB]
-    assert (theirs_sbv - ours_sbv).abs().max().item() < 1e-4
+    # The generated-config exports in transformers: our teacher's logits (teacher TP 2).
+    names = {"qwen2": "Qwen2", "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}
+    for arch in EXPORTS:
+        config = json.loads((root / f"export_{arch}" / "config.json").read_text())
+        assert config["architectures"] == [f"{names[arch]}ForCausalLM"], config
+        assert config["vocab_size"] == VOCAB
+        exported = transformers.AutoModelForCausalLM.from_pretrained(
+            root / f"export_{arch}", dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        with torch.no_grad():
+            theirs_sbv = exported(input_ids=_tokens()[0]).logits.transpose(0, 1)
+        ours_sbv = torch.cat([r["logits"][arch, 2] for r in results], dim=-1)[..., :VOCAB]
+        assert (theirs_sbv - ours_sbv).abs().max().item() < 1e-4, arch
     assert transformers.AutoTokenizer.from_pretrained(root / "export_qwen2").eos_token_id == 0
 
 

@@ -39,6 +39,16 @@ SHAPES = {
         num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=16,
         qk_layernorm=True, max_position_embeddings=64,
     ),
+    "moe_dense_layer_shared_expert": ModelConfig(
+        num_layers=3, hidden_size=32, num_attention_heads=4, num_experts=4, moe_router_topk=2,
+        moe_ffn_hidden_size=24, moe_layer_freq=[1, 0, 1], moe_shared_expert_intermediate_size=16,
+        max_position_embeddings=64,
+    ),
+    "moe_gelu_biases": ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_experts=2, moe_router_topk=1,
+        moe_router_pre_softmax=True, swiglu=False, add_bias_linear=True, normalization="LayerNorm",
+        max_position_embeddings=64,
+    ),
 }  # fmt: skip
 VOCAB = 256
 

@@ -37,6 +37,13 @@ Stubs, all confined to the test process that installs them (never in the package
 * megatron's gradient-norm fallback for machines without TE and apex
   (``clip_grads.l2_norm_impl``) is replaced by the device-side computation TE's fused
   ``multi_tensor_l2norm`` performs: the fallback reads every parameter's norm on the host.
+* mixture-of-experts routing (only where a test asks, :func:`balanced_moe_routing`): which
+  tokens go to which expert is data, and meta tensors hold none. ``aten::masked_select`` (the
+  token permutation) gets a meta kernel that returns the size a balanced top-k routing gives
+  (``k / E`` of the mask's entries), and the all-to-all dispatcher's split sizes, which
+  megatron copies to the host at its ``cuda_dtoh_point``, take a balanced routing's values
+  there. megatron's own wait for those copies (``d2h_event.synchronize()``) runs unchanged and
+  is counted.
 * Process groups are gloo (this torch has no NCCL): collectives on meta tensors check shapes
   only. c10d's *coalesced* all-reduce has no meta kernel, so megatron's bucketed gradient
   reduction (``param_and_grad_buffer._coalescing_manager``) issues its collectives one by one,
@@ -350,6 +357,47 @@ def _device_l2_norm(
     """What TE's / apex's fused ``multi_tensor_l2norm`` computes, without leaving the device."""
     norms = torch.stack([torch.linalg.vector_norm(t.float()) for ts in tensor_lists for t in ts])
     return torch.linalg.vector_norm(norms).reshape(1), None
+
+
+def balanced_moe_routing(topk: int, num_experts: int) -> None:
+    """Let megatron's MoE token dispatch run on meta tensors, as under a balanced routing.
+
+    Every token goes to ``topk`` of the ``num_experts`` experts and every expert gets the same
+    number of tokens. Only the all-to-all dispatcher is covered (dropless, no fused
+    permutation); the all-gather one copies its per-expert counts to the host with ``.cpu()``,
+    whose placeholder (zeros) cannot size its permutation.
+    """
+    import numpy as np
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    lib = torch.library.Library("aten", "IMPL")  # a kernel for the meta dispatch key only
+    _LIBRARIES.append(lib)
+
+    def masked_select(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = mask.numel() * topk // num_experts
+        return values.new_empty((n,))
+
+    lib.impl("masked_select", masked_select, "Meta")
+    original = MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize
+
+    def dtoh(self: Any, point: str, tokens_per_expert: Any = None) -> Any:
+        out = original(self, point, tokens_per_expert)
+        if point != self.cuda_dtoh_point or not torch.is_tensor(out) or not out.is_meta:
+            return out
+        assigned = int(self.num_out_tokens)  # this rank's tokens x topk (dropless: static)
+        ranks, local = self.tp_size * self.ep_size, self.num_local_experts
+        per_expert = assigned // num_experts  # from each rank to each expert
+        self.input_splits = np.full(self.ep_size, assigned // self.ep_size)
+        self.output_splits = np.full(self.ep_size, per_expert * local)
+        self.output_splits_tp = np.full(self.tp_size, per_expert * local * self.ep_size)
+        self.num_global_tokens_per_local_expert = torch.full((ranks, local), per_expert)
+        return torch.full((local,), per_expert * ranks)
+
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = dtoh  # type: ignore[method-assign]
+
+
+_LIBRARIES: list[Any] = []
+"""Kernel registrations kept alive for the process (a dropped ``Library`` unregisters them)."""
 
 
 def install_meta_cuda() -> None:

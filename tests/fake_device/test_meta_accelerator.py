@@ -17,6 +17,10 @@ One launch of two ranks, "meta posing as CUDA" (:mod:`tests.fake_device.harness`
   first sends its to the last), the release, 1 plain step.
 * packed SFT (``--sft``) at PP 2 (bf16, 4 micro-batches): every stage builds the block-diagonal
   mask from the micro-batch's segment ids; 2 steps and a validation.
+* an MoE student at EP 2 (4 experts, top-2, megatron's all-to-all dispatcher, bf16, 2
+  micro-batches) with SALT from an MoE teacher (EP 1, all-to-all): 2 KD steps, 1 plain step,
+  then the routing metrics' read. The token routing runs as a balanced one
+  (:func:`~tests.fake_device.harness.balanced_moe_routing`: meta tensors hold no routing).
 
 Any tensor left on the host fails the run ("Tensor on device cpu is not on the expected device
 meta!"). Every host read of a device tensor is recorded with its call site; the KD loss, the
@@ -54,6 +58,10 @@ HOT_PATH = (
     "salt_megatron/models/stage.py",
 )
 """Code that runs once per micro-batch on the device: it must never wait for the device."""
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+       "--moe-token-dispatcher-type", "alltoall", "--moe-aux-loss-coeff", "0.01"]  # fmt: skip
+MOE_HOT_PATH = (*HOT_PATH, "salt_megatron/models/moe.py", "salt_megatron/training/moe_metrics.py")
+DISPATCHER = "megatron/core/transformer/moe/token_dispatcher.py"
 
 
 def _cfg(root: str, *extra: str) -> Any:
@@ -290,6 +298,40 @@ def _check_sft() -> dict[str, Any]:
     return {"steps": steps, "eval_syncs": [(e.kind, e.where) for e in syncs]}
 
 
+def _check_moe(moe_root: str) -> dict[str, Any]:
+    """EP 2 MoE student from an MoE teacher: 2 KD steps, 1 plain step, the metrics' read."""
+    from megatron.core import parallel_state as mpu
+
+    from salt_megatron.config import parse_config
+    from salt_megatron.training.trainer import Trainer
+
+    harness.balanced_moe_routing(topk=2, num_experts=4)
+    cfg = parse_config([
+        *MODEL, *ARCH, *MOE, "--kd-teacher-load", moe_root, "--kd-steps", "2",
+        "--expert-model-parallel-size", "2", "--bf16", "--micro-batch-size", "1",
+        "--global-batch-size", "4", "--train-iters", "3",
+    ])  # fmt: skip
+    trainer = Trainer(cfg, (RandomTokens(), None), VOCAB, tokenizer_fingerprint=FINGERPRINT)
+    for chunk in trainer.model:
+        harness.assert_on_device(chunk, "meta")
+    trainer.kd.sync(trainer.step)
+    assert trainer.kd.step_fn is not None
+    harness.assert_on_device(trainer.kd.step_fn.teacher.model, "meta")
+    steps = []
+    for _ in range(3):
+        with harness.SYNCS.counting() as syncs:
+            result = trainer.train_step()
+        steps.append({"kd": result.kd_phase, "syncs": [(e.kind, e.where) for e in syncs]})
+    assert trainer.moe is not None
+    with harness.SYNCS.counting() as metric_syncs:
+        trainer.moe.collect()
+    out = {"steps": steps, "n_micro": trainer.num_microbatches,
+           "metric_syncs": [(e.kind, e.where) for e in metric_syncs]}  # fmt: skip
+    trainer.close()
+    mpu.destroy_model_parallel()
+    return out
+
+
 class RandomTokens:
     """16-token samples of random ids (host tensors, as a dataset yields them)."""
 
@@ -303,7 +345,7 @@ class RandomTokens:
                 "position_ids": torch.arange(16)}  # fmt: skip
 
 
-def _meta_world(root: str, tmp: str) -> dict[str, Any]:
+def _meta_world(root: str, tmp: str, moe_root: str) -> dict[str, Any]:
     harness.stub_checkpoint_load()
     return {
         "teachers": _check_teachers(root),
@@ -312,6 +354,7 @@ def _meta_world(root: str, tmp: str) -> dict[str, Any]:
         "offline": _check_offline_training(root, tmp),
         "pipeline": _check_pipeline(root),
         "sft": _check_sft(),
+        "moe": _check_moe(moe_root),
     }
 
 
@@ -319,8 +362,9 @@ def _meta_world(root: str, tmp: str) -> dict[str, Any]:
 def meta_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("meta")
     root = write_teacher_checkpoint(str(tmp / "teacher"), *ARCH)
+    moe_root = write_teacher_checkpoint(str(tmp / "moe_teacher"), *ARCH, *MOE)
     setup = partial(harness.init_process, "meta")
-    ranks = run_distributed(_meta_world, 2, root, str(tmp), setup=setup)
+    ranks = run_distributed(_meta_world, 2, root, str(tmp), moe_root, setup=setup)
     # rank 0's view of every check; at PP 2 the head and the loss run on the last stage, rank 1
     return {**ranks[0], **{key: [rank[key] for rank in ranks] for key in ("pipeline", "sft")}}
 
@@ -406,3 +450,27 @@ def test_packed_sft_step_is_host_sync_free(meta_run: dict[str, Any], stage: int)
         ours = [s for s in syncs if "/salt_megatron/" in s[1]]
         assert len(ours) == 1 and len(syncs) <= 3, syncs
     assert not _hot(sft["eval_syncs"]) and len(sft["eval_syncs"]) <= 2, sft["eval_syncs"]
+
+
+def test_moe_kd_step_host_syncs(meta_run: dict[str, Any]) -> None:
+    """Ours: none per micro-batch (the router hooks count on the device). megatron's all-to-all
+    dispatcher waits once per MoE layer and micro-batch, in the forward only, for the split
+    sizes it copied to the host (``d2h_event.synchronize()`` before the EP all-to-all; at EP 1
+    before sorting the tokens by local expert); its router makes none. Per step here: 2 student
+    MoE layers x 2 micro-batches, plus 2 teacher MoE layers x 2 in a KD step; then the
+    per-step reads: the trainer's loss sums, megatron's token count, and the gradient norm of
+    each of the two chained optimizers (dense and expert parameters). The routing metrics read
+    the device once per log window (placeholder values here: meta tensors hold none)."""
+    moe = meta_run["moe"]
+    assert moe["n_micro"] == 2
+    assert [s["kd"] for s in moe["steps"]] == [True, True, False]
+    for step in moe["steps"]:
+        syncs = step["syncs"]
+        hot = [s for s in syncs if any(part in s[1] for part in MOE_HOT_PATH)]
+        assert not hot, syncs
+        dispatcher = [s for s in syncs if DISPATCHER in s[1]]
+        assert {kind for kind, _ in dispatcher} == {"Event.synchronize"}, syncs
+        assert len(dispatcher) == (2 + 2 if step["kd"] else 2) * moe["n_micro"], syncs
+        norms = [s for s in syncs if s[1].endswith("optimizer/clip_grads.py:133")]
+        assert len(norms) == 2 and len(syncs) - len(dispatcher) == 4, syncs
+    assert [kind for kind, _ in moe["metric_syncs"]] == ["tolist"], moe["metric_syncs"]

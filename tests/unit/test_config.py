@@ -153,3 +153,47 @@ def test_megatron_adapter() -> None:
 
 def test_default_tree_is_valid() -> None:
     assert isinstance(SaltConfig(data=sections()["data"](mock_data=True)), SaltConfig)
+
+
+MOE_FLAGS = ["--mock-data", "--num-experts", "4", "--moe-router-topk", "2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mock-data", "--expert-model-parallel-size", "2"], "need an MoE student"),
+        ([*MOE_FLAGS, "--num-experts", "6", "--expert-model-parallel-size", "4"],
+         "--num-experts 6 is not divisible by --expert-model-parallel-size 4"),
+        ([*MOE_FLAGS, "--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+        ([*MOE_FLAGS, "--moe-layer-freq", "1", "0"], "--moe-layer-freq [1, 0]: give one number"),
+        ([*MOE_FLAGS, "--moe-router-topk", "5"], "--moe-router-topk 5 exceeds --num-experts 4"),
+        ([*MOE_FLAGS, "--moe-router-topk", "1"], "needs --moe-router-pre-softmax"),
+        (["--mock-data", "--moe-ffn-hidden-size", "8"], "--moe-ffn-hidden-size need --num-experts"),
+        (["--mock-data", "--teacher-moe-ffn-hidden-size", "8"],
+         "--teacher-moe-ffn-hidden-size need --teacher-num-experts"),
+        ([*MOE_FLAGS, "--moe-grouped-gemm"], "--moe-grouped-gemm needs --transformer-impl"),
+        ([*MOE_FLAGS, "--add-bias-linear", "--moe-shared-expert-intermediate-size", "8"],
+         "does not support --add-bias-linear"),
+    ],
+)  # fmt: skip
+def test_moe_errors_name_the_flag(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv)
+    assert message in str(err.value)
+
+
+def test_moe_layer_pattern_and_expert_layout() -> None:
+    cfg = parse_config([*MOE_FLAGS, "--num-layers", "4", "--moe-layer-freq", "2",
+                        "--teacher-num-experts", "8", "--expert-model-parallel-size", "2",
+                        "--tensor-model-parallel-size", "2", "--sequence-parallel"])  # fmt: skip
+    assert cfg.model.moe_layer_pattern() == [1, 0, 1, 0] and cfg.model.is_moe
+    assert cfg.teacher.num_experts == 8 and cfg.teacher.is_moe
+    assert cfg.parallel.expert_tp == 2 and cfg.parallel.expert_model_parallel_ranks == 4
+    cfg.validate_world(4)
+    with pytest.raises(ConfigError, match="not divisible by expert TP x"):
+        parse_config([*MOE_FLAGS, "--expert-model-parallel-size", "4"]).validate_world(2)
+    dense = parse_config(["--mock-data", "--moe-layer-freq", "1", "0", "1"])
+    assert not dense.model.is_moe and dense.model.moe_layer_pattern() == [0, 0, 0, 0]
+    tf = mcfg.transformer_config(cfg.model, tp=2, sequence_parallel=True, ep=2)
+    assert (tf.num_moe_experts, tf.moe_layer_freq, tf.expert_model_parallel_size) == (4, 2, 2)
+    assert tf.moe_ffn_hidden_size == mcfg.ffn_hidden_size(cfg.model)

@@ -55,3 +55,30 @@ def test_gpu_fusions_follow_the_available_kernels(monkeypatch: pytest.MonkeyPatc
     assert not mcfg.fusions(gelu, True, everything)["bias_activation_fusion"]  # GeLU, no bias
     bare = FusedKernels(transformer_engine=False, fused_wgrad=False, fused_rope=False)
     assert not mcfg.fusions(rope, True, bare)["gradient_accumulation_fusion"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs them")
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"moe_grouped_gemm": True, "transformer_impl": "transformer_engine"},
+         "--moe-grouped-gemm needs a GPU"),
+        ({"moe_token_dispatcher_type": "flex"}, "--moe-token-dispatcher-type flex needs GPUs"),
+    ],
+)  # fmt: skip
+def test_gpu_only_moe_paths_are_refused_on_the_cpu(flags: dict, message: str) -> None:
+    from salt_megatron.models.moe import MoEUnavailable
+
+    model = ModelConfig(num_experts=4, **flags)
+    with pytest.raises(MoEUnavailable, match=message):
+        layer_spec(model, mcfg.transformer_config(model, tp=1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs it")
+def test_the_teachers_gpu_only_moe_flag_is_named() -> None:
+    from salt_megatron.config import TeacherModelConfig
+    from salt_megatron.models.moe import MoEUnavailable, check_moe_device
+
+    teacher = TeacherModelConfig(num_experts=4, moe_token_dispatcher_type="flex")
+    with pytest.raises(MoEUnavailable, match="--teacher-moe-token-dispatcher-type flex"):
+        check_moe_device(teacher)

@@ -201,3 +201,71 @@ def test_recompute_choices_by_hand() -> None:
     both = rc("selective", modules=("core_attn", "mlp"))
     assert on_stage(both) == pytest.approx(3 * 4 * (full - scores - mlp) + scores + mlp)
     assert rc("full", "block", 1).label == "full (block, 1 layer)"
+
+
+#: MoE: 4 experts of width 8, top-2, layers 0 and 2 MoE (pattern 1 0 1), a shared expert of 4;
+#: SwiGLU, RMSNorm, MHA (h = 8, 2 heads), untied.
+MOE = ModelConfig(
+    num_layers=3, hidden_size=8, num_attention_heads=2, ffn_hidden_size=16, num_experts=4,
+    moe_router_topk=2, moe_ffn_hidden_size=8, moe_layer_freq=[1, 0, 1],
+    moe_shared_expert_intermediate_size=4,
+)  # fmt: skip
+ATTENTION = 8 * 24 + 64 + 2 * 8  # QKV, projection, two RMSNorms
+EXPERT = 8 * 16 + 8 * 8  # fc1 8 x (2 x 8), fc2 8 x 8
+SHARED, ROUTER = 8 * 8 + 4 * 8, 4 * 8
+DENSE = ATTENTION + 8 * 32 + 16 * 8
+
+
+def test_moe_params_by_hand() -> None:
+    assert planner.layer_params(MOE) == DENSE
+    assert planner.layer_params(MOE, moe=True) == ATTENTION + ROUTER + 4 * EXPERT + SHARED
+    # EP 2: two local experts; expert TP 2 halves each expert (no biases).
+    assert planner.layer_params(MOE, moe=True, ep=2) == ATTENTION + ROUTER + 2 * EXPERT + SHARED
+    assert planner.layer_params(MOE, moe=True, ep=2, etp=2) == (
+        ATTENTION + ROUTER + 2 * EXPERT // 2 + SHARED
+    )
+    total = 2 * (ATTENTION + ROUTER + 4 * EXPERT + SHARED) + DENSE + 2 * 16 * 8 + 8
+    assert planner.total_params(MOE, 16) == total
+    assert planner.active_params(MOE, 16) == total - 2 * (4 - 2) * EXPERT
+    assert planner.stage_expert_params(MOE, ep=2) == 2 * 2 * EXPERT
+    # PP 3: stage 1 holds the dense layer, stage 2 the last MoE layer, the norm and the output.
+    assert planner.stage_params(MOE, 16, pp=3, stage=1, ep=2) == DENSE
+    assert planner.stage_expert_params(MOE, pp=3, stage=1, ep=2) == 0
+
+
+def test_moe_flops_count_the_active_experts() -> None:
+    weights = 2 * (ATTENTION - 16 + ROUTER + 2 * EXPERT + SHARED) + (DENSE - 16)
+    attention = 3 * 4.0 * 16 * 2 * 4  # layers x 4 s a d
+    assert model_flops.forward_flops_per_token(MOE, 16, 32) == 2.0 * (weights + 8 * 32) + attention
+
+
+def test_moe_dispatch_bytes_by_hand() -> None:
+    """A rank routes T = s b / TP = 32 tokens to k = 2 experts; h = 8, 2 bytes (bf16)."""
+    a2a = ModelConfig(**{**MOE.__dict__, "moe_token_dispatcher_type": "alltoall"})
+    gather = ModelConfig(**{**MOE.__dict__, "moe_token_dispatcher_type": "allgather"})
+    # all-to-all: 2 directions x (dispatch + combine) x T k h (EP - 1)/EP
+    assert planner.dispatch_bytes_per_layer(a2a, 16, 2, tp=1, ep=4, etp=1, dtype=2) == (
+        4 * 32 * 2 * 8 * 3 / 4 * 2
+    )
+    # all-gather: 2 directions x (gather + reduce-scatter) x (ETP EP - 1) T h
+    assert planner.dispatch_bytes_per_layer(gather, 16, 2, tp=1, ep=4, etp=1, dtype=2) == (
+        4 * 3 * 32 * 8 * 2
+    )
+
+
+def test_moe_example_plan() -> None:
+    """The MoE example: experts' optimizer state sharded over expert DP (64 / EP 8 = 8)."""
+    path = ROOT / "examples" / "configs" / "moe_student_dense_teacher.yaml"
+    cfg = parse_config(["--config", str(path)])
+    result = planner.plan(cfg, 64, 50000, planner.Hardware())
+    moe = result.moe
+    assert (moe["experts per MoE layer"], moe["experts per rank and layer"]) == (64, 8)
+    assert moe["active parameters per token"] == planner.active_params(cfg.model, 50048)
+    assert 0.1 < moe["active fraction"] < 0.25 and not result.warnings
+    spad = 50048
+    params = planner.stage_params(cfg.model, spad, ep=8)
+    experts = planner.stage_expert_params(cfg.model, ep=8)
+    state = (params - experts) * (6 + 12 / 64) + experts * (6 + 12 / 8)
+    assert result.memory["student weights+grads+optimizer"] == pytest.approx(state)
+    per_layer = planner.dispatch_bytes_per_layer(cfg.model, 2048, 2, tp=1, ep=8, etp=1, dtype=2)
+    assert moe["dispatcher traffic per step and rank"] == per_layer * 24 * result.n_micro
