@@ -22,6 +22,7 @@ protocol continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -188,11 +189,15 @@ def main() -> None:
     parser.add_argument("--task-seed", type=int, default=1234, help="seed of the generated tasks")
     parser.add_argument("--nproc", type=int, default=2, help="processes (tensor parallel) per run")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (integration test)")
+    parser.add_argument("--train", type=int, help="SFT examples per task (default: the scale's)")
+    parser.add_argument("--test", type=int, help="test examples per task (default: the scale's)")
     args = parser.parse_args()
     kind = "quick" if args.quick else "full"
     demo = args.demo or ROOT / "runs" / "demo" / kind
     out = args.out or ROOT / "runs" / "downstream" / kind
     scale = QUICK if args.quick else FULL
+    scale = dataclasses.replace(scale, train=args.train or scale.train,
+                                test=args.test or scale.test)  # fmt: skip
     students = {name: demo / name / "ckpt" for name in args.students}
     missing = [str(p) for p in students.values() if not p.is_dir()]
     if missing:
