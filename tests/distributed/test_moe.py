@@ -35,11 +35,17 @@ from typing import Any
 import pytest
 
 from tests.distributed.launcher import run_distributed
-from tests.distributed.test_parallel_equivalence import SEQ, VOCAB, PatternDataset
+from tests.distributed.test_parallel_equivalence import SEQ, VOCAB
+from tests.distributed.test_teacher_pipeline import (
+    FIELDS,
+    _checkpointer,
+    _finish,
+    _record,
+    _trainer,
+)
 
 pytestmark = pytest.mark.distributed
 
-FINGERPRINT = "sha256:moe-test"
 COMMON = [
     "--mock-data", "--vocab-size", str(VOCAB), "--seq-length", str(SEQ),
     "--make-vocab-size-divisible-by", "8", "--micro-batch-size", "2", "--global-batch-size",
@@ -71,36 +77,7 @@ WORLD4 = {
     "TP2xEP2-allgather": ("dense", [*TP2, *EP2, *AG]),
     "PP2xEP2-alltoall-moe-teacher": ("moe", ["--pipeline-model-parallel-size", "2", *EP2, *A2A]),
 }  # fmt: skip
-FIELDS = ("loss", "lm_loss", "kd_loss", "grad_norm")
 LAST_MOE_LAYER = 3  # 0-based index of the last MoE layer (pattern 1 1 0 1)
-
-
-def _trainer(args: list[str]) -> Any:
-    import torch.distributed as dist
-
-    from salt_megatron.config import parse_config
-    from salt_megatron.training.trainer import Trainer
-
-    cfg = parse_config(args)
-    cfg.validate_world(dist.get_world_size())
-    return Trainer(cfg, (PatternDataset(), None), VOCAB, tokenizer_fingerprint=FINGERPRINT)
-
-
-def _finish(trainer: Any) -> None:
-    from megatron.core import parallel_state
-
-    trainer.close()
-    parallel_state.destroy_model_parallel()
-
-
-def _checkpointer(trainer: Any) -> Any:
-    from salt_megatron.checkpoint.manager import Checkpointer
-
-    return Checkpointer(trainer, FINGERPRINT, lambda: trainer.kd.state(trainer.step), False)
-
-
-def _record(history: list[Any]) -> list[dict[str, float]]:
-    return [{k: getattr(r, k) for k in FIELDS} for r in history]
 
 
 def _student(tmp: str, teacher: str, extra: list[str]) -> list[str]:
