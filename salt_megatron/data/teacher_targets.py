@@ -368,6 +368,16 @@ class TargetStore:
                 f"{spec.shard_range(first)[0]}: {what}); rerun {spec.rerun()} to write them"
             )
 
+    def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """All of ``shard`` as :func:`write_shard` takes it: padded ``[count, seq, k]`` ids and
+        log-probabilities, the ``[count, seq]`` residual and the ``[count]`` sample checksums
+        (its files' CRC-32s verified, every sample checked)."""
+        start, count = self.spec.shard_range(shard)
+        rows = [self.sample(i) for i in range(start, start + count)]
+        ids, logq, resid = (np.stack([r[key].numpy() for r in rows]) for key in TARGET_KEYS)
+        checksums = np.asarray(self._shard(start)[1].checksums, dtype=np.uint64).copy()
+        return ids, logq, resid, checksums
+
     def _shard(self, index: int) -> tuple[int, Q8Reader | RawReader]:
         spec = self.spec
         if not 0 <= index < spec.covered:
