@@ -107,7 +107,7 @@ def stored_only(
     ``out/results_<fmt>.md``. With ``targets``, no pass: the student trains on that existing
     store (e.g. a ``save_teacher_targets.py --convert`` copy), named by its directory. With
     ``seed``, the student has that seed (initial weights, data order, hence its own KD samples and
-    targets) and its names end in ``_seed<seed>``; its table still compares with the demo's
+    targets) and the names of what it makes end in ``_seed<seed>``; its table still compares with the demo's
     baseline (the default seed): read its final loss against other students of that seed."""
     runs = {name: out / name / "metrics.jsonl" for name in ("teacher", "baseline")}
     missing = [str(p) for p in runs.values() if not p.is_file()]
@@ -121,7 +121,7 @@ def stored_only(
         targets, tag = out / f"targets_{fmt}{suffix}", fmt + suffix
         tpass = store_targets(teacher_dir, salt_args, targets, data, logprob_format=fmt)
     else:
-        tag = targets.name + suffix
+        tag = targets.name
         tpass = existing_targets(targets)
     flags = [*salt_args, "--kd-targets", str(targets)]
     offline = train(f"salt_offline_{tag}", "demo_student.yaml", flags, out, data)
