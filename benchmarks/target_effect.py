@@ -8,6 +8,12 @@ and of the target's entropy over all tokens (a biased code shows as a mean many 
 from 0), and whether REF's values rounded to float16 equal OTHER's bit for bit (the check that a
 float16 store holds exactly the rounded float32 targets).
 
+``students DIR --pair REF OTHER ...``: students (run directories in DIR with a
+``metrics.jsonl``, e.g. the ``salt_offline_<name>`` of ``tools/demo.py --stored-only``) side by
+side: each pair's final validation loss, the mean over its last five evaluations, and OTHER
+minus REF; then the mean and the spread of the differences over the pairs (pair students of the
+same seed).
+
 ``perturb SRC OUT``: a float32 copy of the float32 store SRC with every log-probability moved by
 one float32 ulp, up or down at random (``--seed``): a perturbation no format makes, whose student
 shows how far the demo's final loss moves from noise alone.
@@ -15,6 +21,8 @@ shows how far the demo's final loss moves from noise alone.
     cd runs/demo/full  # after tools/demo.py and its --stored-only runs
     python ../../../benchmarks/target_effect.py compare targets_float32 targets_q8
     python ../../../benchmarks/target_effect.py perturb targets_float32 targets_ulp
+    python ../../../benchmarks/target_effect.py students . \
+        --pair salt_offline_float16_seed2 salt_offline_q8_seed2
 """
 
 from __future__ import annotations
@@ -101,6 +109,26 @@ def perturb(src_root: str, out_root: str, seed: int) -> None:
     print(f"{out_root}: {spec.covered} samples, every log-probability one ulp from {src_root}'s")
 
 
+def students(root: Path, pairs: list[list[str]]) -> None:
+    from tools.runs import Curve
+
+    print("| REF | OTHER | REF final | OTHER final | OTHER - REF, final | OTHER - REF, mean of "
+          "the last 5 evaluations |\n|---|---|---|---|---|---|")  # fmt: skip
+    finals, lasts = [], []
+    for ref, other in pairs:
+        a, b = (Curve.read(root / name / "metrics.jsonl", 0.0) for name in (ref, other))
+        if a.steps != b.steps:
+            raise SystemExit(f"{ref} and {other} were evaluated at other steps")
+        finals.append(b.losses[-1] - a.losses[-1])
+        lasts.append(float(np.mean(b.losses[-5:]) - np.mean(a.losses[-5:])))
+        print(f"| {ref} | {other} | {a.losses[-1]:.4f} | {b.losses[-1]:.4f} | {finals[-1]:+.4f} | "
+              f"{lasts[-1]:+.4f} |")  # fmt: skip
+    for what, d in (("final", finals), ("mean of the last 5", lasts)):
+        sd = np.std(d, ddof=min(1, len(d) - 1))
+        print(f"{what}: mean difference {np.mean(d):+.4f}, sd {sd:.4f}, range {min(d):+.4f} to "
+              f"{max(d):+.4f} over {len(d)} pairs")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -111,9 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     per.add_argument("src")
     per.add_argument("out")
     per.add_argument("--seed", type=int, default=1)
+    stu = sub.add_parser("students", help="stored-target students side by side, paired")
+    stu.add_argument("root", type=Path)
+    stu.add_argument("--pair", nargs=2, action="append", required=True, metavar=("REF", "OTHER"))
     args = parser.parse_args(argv)
     if args.what == "compare":
         compare(args.ref, args.other)
+    elif args.what == "students":
+        students(args.root, args.pair)
     else:
         perturb(args.src, args.out, args.seed)
 
