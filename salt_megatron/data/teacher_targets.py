@@ -90,8 +90,9 @@ class TargetSpec:
     samples_per_shard: int
     logprob_format: str = "float16"
     """How log-probabilities are stored: ``float16`` (the default) or ``float32`` (exact at that
-    precision), or ``q8`` (8-bit codes, bounded error, a third of format 1's bytes; measurably
-    worse on the demo: docs/salt.md). Format 1 stores are ``float16``."""
+    precision), or ``q8`` (8-bit codes, bounded error, a third of format 1's bytes; on the demo
+    its students end within the run-to-run noise of float16's: docs/salt.md). Format 1 stores
+    are ``float16``."""
     command: str = ""
     """The command that wrote the store (rerun it to rewrite a missing or corrupt shard)."""
     format: str = FORMAT
