@@ -106,9 +106,10 @@ def stored_only(
     in ``out/targets_<fmt>``, the student in ``out/salt_offline_<fmt>``, the table in
     ``out/results_<fmt>.md``. With ``targets``, no pass: the student trains on that existing
     store (e.g. a ``save_teacher_targets.py --convert`` copy), named by its directory. With
-    ``seed``, the student has that seed (initial weights, data order, hence its own KD samples and
-    targets) and the names of what it makes end in ``_seed<seed>``; its table still compares with the demo's
-    baseline (the default seed): read its final loss against other students of that seed."""
+    ``seed``, the student has that seed (initial weights, data order, hence its own KD samples
+    and targets) and the names of what it makes end in ``_seed<seed>``; its table still compares
+    with the demo's baseline (the default seed): read its final loss against other students of
+    that seed."""
     runs = {name: out / name / "metrics.jsonl" for name in ("teacher", "baseline")}
     missing = [str(p) for p in runs.values() if not p.is_file()]
     if missing or not teacher_dir.is_dir():

@@ -54,7 +54,7 @@ def test_convert_resumes_and_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     gone.rmdir()
     assert convert_store(str(src), str(dst), "q8", "cmd") == spec  # a killed conversion goes on
     assert kept.stat().st_mtime_ns == stamp and TargetStore(str(dst)).sample(5)
-    with pytest.raises(DataError, match="holds another store.*logprob_format"):
+    with pytest.raises(DataError, match=r"holds another store.*logprob_format"):
         convert_store(str(src), str(dst), "float16", "cmd")
     with pytest.raises(DataError, match="is the source"):
         convert_store(str(src), str(src), "q8", "cmd")
@@ -63,7 +63,7 @@ def test_convert_resumes_and_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     raw[-3] ^= 0x01
     logprobs.write_bytes(bytes(raw))
     other = tmp_path / "other"
-    with pytest.raises(DataError, match="logprobs.npy.*corrupt"):
+    with pytest.raises(DataError, match=r"logprobs\.npy.*corrupt"):
         convert_store(str(src), str(other), "q8", "cmd")
     assert not os.path.isdir(shard_dir(str(other), 2))  # no copy of a corrupt shard
     assert np.load(Path(shard_dir(str(other), 0)) / "checksums.npy").size == 4
