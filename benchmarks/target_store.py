@@ -74,14 +74,7 @@ def _source(args: argparse.Namespace) -> tuple[store.TargetSpec, list[tuple[np.n
     if args.store:
         src = store.TargetStore(args.store)
         spec = src.spec
-        shards = []
-        for shard in range(min(args.shards, spec.num_shards)):
-            start, count = spec.shard_range(shard)
-            rows = [src.sample(i) for i in range(start, start + count)]
-            arrays = [np.stack([r[key].numpy() for r in rows]) for key in store.TARGET_KEYS]
-            _, reader = src._shard(start)
-            shards.append((*arrays, np.asarray(reader.checksums).copy()))
-        return spec, shards
+        return spec, [src.read_shard(s) for s in range(min(args.shards, spec.num_shards))]
     spec = store.TargetSpec(
         teacher="synthetic", tokenizer_fingerprint="", dataset_fingerprint="", dataset_length=4096,
         num_samples=256 * args.shards, seq_length=128, vocab_size=8000, temperature=1.0, top_k=64,

@@ -16,6 +16,8 @@
     python tools/demo.py            # about 20 minutes on 2 idle cores
     python tools/demo.py --quick    # a couple of minutes (the integration test)
     python tools/demo.py --stored-only --logprob-format float16   # after a full run: only step 4
+    python tools/demo.py --stored-only --targets DIR   # step 4 on an existing store, no pass
+    python tools/demo.py --stored-only --logprob-format q8 --seed 2   # another student seed
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from salt_megatron.data.target_shards import LOGPROB_FORMATS  # noqa: E402
-from tools.runs import Curve, TargetsPass, demo_data_flags, plot, store_targets, train  # noqa: E402
+from tools.runs import (  # noqa: E402
+    Curve,
+    TargetsPass,
+    demo_data_flags,
+    existing_targets,
+    plot,
+    store_targets,
+    train,
+)
 
 QUICK = {
     "teacher": ["--train-iters", "40", "--eval-interval", "20"],
@@ -84,24 +94,41 @@ def report(
 
 
 def stored_only(
-    out: Path, teacher_dir: Path, salt_args: list[str], data: list[str], fmt: str
+    out: Path,
+    teacher_dir: Path,
+    salt_args: list[str],
+    data: list[str],
+    fmt: str,
+    targets: Path | None = None,
+    seed: int | None = None,
 ) -> None:
     """Step 4 alone, on the teacher and baseline an earlier run left in ``out``: the targets
     in ``out/targets_<fmt>``, the student in ``out/salt_offline_<fmt>``, the table in
-    ``out/results_<fmt>.md``."""
+    ``out/results_<fmt>.md``. With ``targets``, no pass: the student trains on that existing
+    store (e.g. a ``save_teacher_targets.py --convert`` copy), named by its directory. With
+    ``seed``, the student has that seed (initial weights, data order, hence its own KD samples
+    and targets) and the names of what it makes end in ``_seed<seed>``; its table still compares
+    with the demo's baseline (the default seed): read its final loss against other students of
+    that seed."""
     runs = {name: out / name / "metrics.jsonl" for name in ("teacher", "baseline")}
     missing = [str(p) for p in runs.values() if not p.is_file()]
     if missing or not teacher_dir.is_dir():
         raise SystemExit(f"--stored-only needs an earlier full run in {out} (missing: "
                          f"{', '.join(missing) or teacher_dir})")  # fmt: skip
     teacher, base = (Curve.read(p, 0.0) for p in runs.values())
-    tpass = store_targets(teacher_dir, salt_args, out / f"targets_{fmt}", data,
-                          logprob_format=fmt)  # fmt: skip
-    flags = [*salt_args, "--kd-targets", str(out / f"targets_{fmt}")]
-    offline = train(f"salt_offline_{fmt}", "demo_student.yaml", flags, out, data)
-    name = f"SALT, stored targets, {fmt} (no teacher in training)"
+    suffix = "" if seed is None else f"_seed{seed}"
+    salt_args = salt_args if seed is None else [*salt_args, "--seed", str(seed)]
+    if targets is None:
+        targets, tag = out / f"targets_{fmt}{suffix}", fmt + suffix
+        tpass = store_targets(teacher_dir, salt_args, targets, data, logprob_format=fmt)
+    else:
+        tag = targets.name
+        tpass = existing_targets(targets)
+    flags = [*salt_args, "--kd-targets", str(targets)]
+    offline = train(f"salt_offline_{tag}", "demo_student.yaml", flags, out, data)
+    name = f"SALT, stored targets, {tag} (no teacher in training)"
     variants = {name: (offline, teacher.seconds[-1] + tpass.seconds)}
-    print("\n" + report(base, variants, teacher, tpass, out, f"results_{fmt}.md"))
+    print("\n" + report(base, variants, teacher, tpass, out, f"results_{tag}.md"))
 
 
 def main() -> None:
@@ -117,6 +144,11 @@ def main() -> None:
         default="float16",
         help="how the stored targets keep log-probabilities (default float16)",
     )
+    parser.add_argument("--targets", type=Path, default=None,
+                        help="with --stored-only: train on this existing store instead of "
+                             "making one")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --stored-only: the student's seed (own targets)")  # fmt: skip
     parser.add_argument("--stored-only", action="store_true",
                         help="reuse the teacher and baseline of an earlier run in --out; store "
                              "targets and train only the stored-target student")  # fmt: skip
@@ -129,7 +161,7 @@ def main() -> None:
     teacher_dir = out / "teacher" / "ckpt"
     if args.stored_only:
         stored_only(out, teacher_dir, [*quick_s, *shlex.split(args.salt_args)], data,
-                    args.logprob_format)  # fmt: skip
+                    args.logprob_format, args.targets, args.seed)  # fmt: skip
         return
     teacher = train(
         "teacher", "demo_teacher.yaml", [*quick_t, "--save", str(teacher_dir)], out, data

@@ -152,6 +152,15 @@ def store_targets(
     return TargetsPass.read(log, wall)
 
 
+def existing_targets(targets: Path) -> TargetsPass:
+    """A store made earlier (no pass timed: 0 s), its ids and bytes per token from its shards."""
+    from salt_megatron.data.teacher_targets import read_spec
+    from salt_megatron.distill.targets import store_summary
+
+    summary = store_summary(str(targets), read_spec(str(targets)))
+    return TargetsPass(0.0, 0.0, summary["mean_ids_per_token"], summary["bytes_per_token"])
+
+
 def data_flags(cache: Path, corpus: str = "docstrings") -> list[str]:
     """Build (or reuse) a corpus made on the machine (``docstrings``: the demo's stdlib
     docstrings; ``code``: the Python sources of the stdlib and the installed packages), its

@@ -21,6 +21,11 @@ file carries a CRC-32, checked the first time a run reads its shard; check a who
 with
 
     python tools/save_teacher_targets.py --verify DIR
+
+and rewrite one in another format without the teacher (e.g. a compact ``q8`` copy of a
+``float32`` store) with
+
+    python tools/save_teacher_targets.py --convert SRC --out DIR --logprob-format q8
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="the store's directory (required to write one)")
     parser.add_argument("--verify", metavar="DIR",
                         help="check every file and sample of the store DIR and exit")  # fmt: skip
+    parser.add_argument("--convert", metavar="SRC",
+                        help="rewrite the store SRC into --out in --logprob-format (no teacher, "
+                             "one process) and exit")  # fmt: skip
     parser.add_argument("--logprob-format", choices=LOGPROB_FORMATS, default="float16",
                         help="float16 (default) / float32: exact at that precision; q8: 8-bit "
                              "codes, bounded error, half float16's bytes")  # fmt: skip
@@ -112,6 +120,29 @@ def _verify(root: str) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--convert SRC --out DIR``: 0 when DIR holds SRC's targets in the new format."""
+    from salt_megatron.data.errors import DataError
+    from salt_megatron.data.target_convert import convert_store
+    from salt_megatron.distill.targets import store_summary
+
+    if not args.out:
+        print("save_teacher_targets.py: error: --convert needs --out DIR", file=sys.stderr)
+        return 2
+    command = shlex.join(["python", str(Path(__file__).resolve()), *argv])
+    start = time.perf_counter()
+    try:
+        spec = convert_store(args.convert, args.out, args.logprob_format, command)
+    except DataError as exc:
+        print(f"save_teacher_targets.py: error: {exc}", file=sys.stderr)
+        return 5
+    summary = store_summary(args.out, spec)
+    print(f"{args.convert} -> {args.out}: {summary['tokens']} tokens, "
+          f"{summary['bytes_per_token']:.1f} bytes per token ({spec.logprob_format}); "
+          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     own, _ = _parser().parse_known_args(argv)
@@ -120,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if own.verify:
         return _verify(own.verify)
+    if own.convert:
+        return _convert(own, argv)
     try:
         args, cfg = _parse(argv)
     except ConfigError as exc:

@@ -7,7 +7,7 @@ it holds, checksum included, is corrupt), so one changed byte anywhere in a shar
 the shard is first read (:meth:`ShardFiles.verify`). Files of a shard of ``count`` samples of
 ``seq`` tokens (``n`` kept ids in all; ``k`` the store's top-k, V its vocabulary)::
 
-    logprob format q8 (the default; salt_megatron.data.target_codec)
+    logprob format q8 (salt_megatron.data.target_codec)
       blocks.npy     uint64 [count + 1]      byte offsets of each sample's block in data.npy
       data.npy       uint8  [bytes]          one deflated block per sample
     logprob formats float16, float32 (exact: the teacher's values at that precision)

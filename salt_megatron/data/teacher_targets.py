@@ -90,8 +90,9 @@ class TargetSpec:
     samples_per_shard: int
     logprob_format: str = "float16"
     """How log-probabilities are stored: ``float16`` (the default) or ``float32`` (exact at that
-    precision), or ``q8`` (8-bit codes, bounded error, a third of format 1's bytes; measurably
-    worse on the demo: docs/salt.md). Format 1 stores are ``float16``."""
+    precision), or ``q8`` (8-bit codes, bounded error, a third of format 1's bytes; on the demo
+    its students end within the run-to-run noise of float16's: docs/salt.md). Format 1 stores
+    are ``float16``."""
     command: str = ""
     """The command that wrote the store (rerun it to rewrite a missing or corrupt shard)."""
     format: str = FORMAT
@@ -367,6 +368,16 @@ class TargetStore:
                 f"corrupt (first: {shard_dir(self.root, first)}, samples from "
                 f"{spec.shard_range(first)[0]}: {what}); rerun {spec.rerun()} to write them"
             )
+
+    def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """All of ``shard`` as :func:`write_shard` takes it: padded ``[count, seq, k]`` ids and
+        log-probabilities, the ``[count, seq]`` residual and the ``[count]`` sample checksums
+        (its files' CRC-32s verified, every sample checked)."""
+        start, count = self.spec.shard_range(shard)
+        rows = [self.sample(i) for i in range(start, start + count)]
+        ids, logq, resid = (np.stack([r[key].numpy() for r in rows]) for key in TARGET_KEYS)
+        checksums = np.asarray(self._shard(start)[1].checksums, dtype=np.uint64).copy()
+        return ids, logq, resid, checksums
 
     def _shard(self, index: int) -> tuple[int, Q8Reader | RawReader]:
         spec = self.spec

@@ -9,7 +9,6 @@ true-vocabulary columns within 1e-4, and its tokenizer must encode like ours.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +18,10 @@ import torch
 
 from salt_megatron.config.schema import ModelConfig
 from tests.distributed.launcher import run_distributed
+from tests.integration.tiny_gpt import save_tiny_gpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-MODEL = dict(
-    num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
-    rotary_base=5000, max_position_embeddings=64, norm_epsilon=1e-5,
-)  # fmt: skip
 VOCAB = 300
 
 
@@ -43,57 +39,10 @@ def _tokenizer(tmp: Path) -> str:
 
 
 def _save_tp2(root: str, tokenizer_model: str, tokens: torch.Tensor) -> torch.Tensor:
-    """Build at TP=2, randomise the norms, save as our checkpoint; the full logits ``[b,s,V]``."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as mpu
-
-    from salt_megatron.checkpoint import layout, trainer_state
-    from salt_megatron.config import megatron as mcfg
-    from salt_megatron.config import to_dict
-    from salt_megatron.config.schema import DataConfig, ParallelConfig, SaltConfig
-    from salt_megatron.data.tokenizer import SentencePieceTokenizer
-    from salt_megatron.models.gpt import build_gpt
-    from salt_megatron.parallel.state import reseed
-
-    mpu.initialize_model_parallel(2, 1)
-    reseed(1)
-    model = ModelConfig(**MODEL)  # type: ignore[arg-type]
-    padded = mcfg.padded_vocab_size(VOCAB, model.make_vocab_size_divisible_by, 2)
-    gpt = build_gpt(
-        model, mcfg.transformer_config(model, tp=2), padded_vocab_size=padded,
-        max_sequence_length=64, pre_process=True, post_process=True, init_seed=5,
-    )  # fmt: skip
-    gen = torch.Generator().manual_seed(7)  # same on both ranks: norms are replicated
-    with torch.no_grad():
-        for name, param in gpt.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
-        gpt.eval()
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        local = gpt(tokens, positions, None)  # [b, s, V/2]
-    shards = [torch.empty_like(local) for _ in range(2)]
-    dist.all_gather(shards, local.contiguous(), group=mpu.get_tensor_model_parallel_group())
-    step_dir = layout.iteration_dir(root, 3)
-    os.makedirs(step_dir, exist_ok=True)
-    dist.barrier()
-    trainer_state.use_results_queue()
-    dist_checkpointing.save(
-        layout.model_sharded_state_dict([gpt]), step_dir, trainer_state._save_strategy()
-    )
-    if dist.get_rank() == 0:
-        cfg = SaltConfig(
-            model=model,
-            parallel=ParallelConfig(tensor_model_parallel_size=2),
-            data=DataConfig(mock_data=True, tokenizer_model=tokenizer_model, seq_length=32),
-        )
-        layout.write_meta(step_dir, {
-            "step": 3, "config": to_dict(cfg), "vocab_size": VOCAB, "padded_vocab_size": padded,
-            "tokenizer_fingerprint": SentencePieceTokenizer(tokenizer_model).fingerprint,
-        })  # fmt: skip
-        layout.write_latest_step(root, 3)
-    dist.barrier()
-    return torch.cat(shards, dim=-1)
+    """The tiny model at TP=2, saved; its full logits ``[b, s, padded V]``."""
+    logits = save_tiny_gpt(root, tokenizer_model, VOCAB, 0.2, tokens)
+    assert logits is not None
+    return logits
 
 
 def test_refuses_what_no_architecture_expresses() -> None:

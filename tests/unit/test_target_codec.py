@@ -72,6 +72,28 @@ def test_q8_error_is_within_its_closed_form_bound(
     assert np.all(got.span_s.astype(np.float64) >= logq[:, 0] - span)  # rounded up
 
 
+def test_q8_error_is_unbiased() -> None:
+    """Over many tokens the decoded top-1 probability and the target's entropy are the teacher's
+    on average (within 4 standard errors): the code makes targets no sharper or flatter. (A code
+    referenced to the smallest kept log q, with the span rounded up, raised the top-1 by 0.10%
+    on average on the demo's store, and its student ended 0.02 nats worse.)"""
+    seq, vocab, k = 4096, 2000, 64
+    ids, logq, resid = _teacher_targets(seq, vocab, k, 0.95, 3.0, seed=7)
+    got = _round_trip(ids, logq, resid, codec.Layout(seq, k, vocab))
+    assert np.array_equal(got.ids_sk[:, 0], ids[:, 0])
+    kept = ids >= 0
+
+    def entropy(logq_sk: np.ndarray) -> np.ndarray:
+        lq = np.where(kept, logq_sk.astype(np.float64), 0.0)
+        return -(np.exp(lq) * kept * lq).sum(1)
+
+    log_top_error = got.logq_sk[:, 0].astype(np.float64) - logq[:, 0]
+    entropy_error = entropy(got.logq_sk) - entropy(logq)  # kept slots first in both
+    for err in (log_top_error, entropy_error):
+        assert abs(err.mean()) <= 4 * err.std() / np.sqrt(seq), (err.mean(), err.std())
+        assert err.std() > 0  # the code does round
+
+
 def test_q8_kd_gradient_error_is_within_the_bound() -> None:
     """The sparse KD gradient on decoded targets differs from the one on the teacher's targets
     by at most w c / T x (Q x bound + |r^ - r|) in L1 per token (the target's L1 error)."""
