@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
+from tests.docstring_data import docstring_texts, train_test_tokenizer
 from tests.integration.conftest import read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -47,15 +48,8 @@ SFT = [
 
 def make_files(tmp: Path) -> None:
     """A 300-piece sentencepiece tokenizer and 60 prompt/response records from docstrings."""
-    from salt_megatron.data.corpus import stdlib_docstrings
-    from salt_megatron.data.tokenizer import train_tokenizer
-
-    texts: list[str] = []
-    for doc in stdlib_docstrings():
-        texts.append(doc["text"])
-        if sum(map(len, texts)) > 30_000:
-            break
-    train_tokenizer(texts, tmp / "tok", vocab_size=300, byte_fallback=False, num_threads=1)
+    texts = docstring_texts(30_000)
+    train_test_tokenizer(texts, tmp / "tok")
     with open(tmp / "sft.jsonl", "w") as f:
         for k, text in enumerate(t for t in texts if len(t.split()) > 10):
             words = text.split()

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
-from tests.integration.tiny_gpt import save_tiny_gpt
+from tests.docstring_data import docstring_texts, train_test_tokenizer
+from tests.integration.tiny_gpt import export_hf, save_tiny_gpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -38,29 +39,16 @@ LAYOUTS = ((2, 1), (1, 2), (1, 1))  # (TP, PP) in a world of 2: the rest is DP
 TOL = 1e-4
 
 
-def _texts(n_chars: int) -> list[str]:
-    from salt_megatron.data.corpus import stdlib_docstrings
-
-    texts: list[str] = []
-    for doc in stdlib_docstrings():
-        texts.append(doc["text"])
-        if sum(map(len, texts)) > n_chars:
-            break
-    return texts
-
-
 def _tokenizer(tmp: Path) -> str:
-    from salt_megatron.data.tokenizer import train_tokenizer
-
     shipped = [line for f in sorted(TASKS.glob("*.jsonl")) for line in f.open(encoding="utf-8")]
-    texts = _texts(60_000) + [json.dumps(json.loads(s), ensure_ascii=False) for s in shipped]
-    train_tokenizer(texts, tmp / "tok", vocab_size=VOCAB, byte_fallback=False, num_threads=1)
-    return str(tmp / "tok.model")
+    tasks = [json.dumps(json.loads(s), ensure_ascii=False) for s in shipped]
+    texts = docstring_texts(60_000) + tasks
+    return train_test_tokenizer(texts, tmp / "tok", VOCAB)
 
 
 def _requests() -> dict[str, list[tuple[Any, ...]]]:
     """Requests from the tokenizer's text; none starts with whitespace."""
-    docs = [t for t in _texts(60_000)[-60:] if not t[0].isspace()]
+    docs = [t for t in docstring_texts(60_000)[-60:] if not t[0].isspace()]
     words = [d.split(" ") for d in docs]
     ll: list[tuple[Any, ...]] = [(" ".join(w[:6]), " " + " ".join(w[6:9])) for w in words[:10]]
     ll.append((" ".join(words[10][:5]) + " ", " ".join(words[10][5:7])))  # trailing space
@@ -123,15 +111,6 @@ def _save_and_evaluate(root: str, tokenizer_model: str, requests: dict[str, Any]
     return results, requests["tokens"]
 
 
-def _export(root: str, out: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/export_hf.py"), "--load", root, "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def crosscheck(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Our answers per layout, the ``hf`` backend's on the export, and where things are."""
@@ -143,7 +122,7 @@ def crosscheck(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     requests = _requests()
     root = str(tmp / "ckpt")
     ours, requests["tokens"] = run_distributed(_save_and_evaluate, 2, root, tok, requests)[0]
-    _export(root, tmp / "hf")
+    export_hf(root, tmp / "hf")
     hf = HFLM(pretrained=str(tmp / "hf"), device="cpu", dtype="float32", batch_size=4)
     return {
         "ours": ours, "hf": _answers(hf, requests), "hf_lm": hf, "requests": requests,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.docstring_data import docstring_texts, train_test_tokenizer
 from tests.integration.conftest import REPO, launch, read_metrics
 
 pytestmark = pytest.mark.integration
@@ -26,16 +27,10 @@ SPLIT = "90,10,0"
 
 def _data(tmp: Path) -> tuple[str, str]:
     """(tokenizer model, dataset prefix) from ~40 KB of docstrings."""
-    from salt_megatron.data.corpus import stdlib_docstrings
     from salt_megatron.data.preprocess import preprocess_files
-    from salt_megatron.data.tokenizer import train_tokenizer
 
-    texts: list[str] = []
-    for doc in stdlib_docstrings():
-        texts.append(doc["text"])
-        if sum(map(len, texts)) > 40_000:
-            break
-    train_tokenizer(texts, tmp / "tok", vocab_size=300, byte_fallback=False, num_threads=1)
+    texts = docstring_texts(40_000)
+    train_test_tokenizer(texts, tmp / "tok")
     corpus = tmp / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     prefix = str(tmp / "docs_text_document")

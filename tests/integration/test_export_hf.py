@@ -9,8 +9,6 @@ true-vocabulary columns within 1e-4, and its tokenizer must encode like ours.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,8 @@ import torch
 
 from salt_megatron.config.schema import ModelConfig
 from tests.distributed.launcher import run_distributed
-from tests.integration.tiny_gpt import save_tiny_gpt
+from tests.docstring_data import docstring_texts, train_test_tokenizer
+from tests.integration.tiny_gpt import export_hf, save_tiny_gpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -26,16 +25,7 @@ VOCAB = 300
 
 
 def _tokenizer(tmp: Path) -> str:
-    from salt_megatron.data.corpus import stdlib_docstrings
-    from salt_megatron.data.tokenizer import train_tokenizer
-
-    texts = []
-    for doc in stdlib_docstrings():
-        texts.append(doc["text"])
-        if sum(map(len, texts)) > 20_000:
-            break
-    train_tokenizer(texts, tmp / "tok", vocab_size=VOCAB, byte_fallback=False, num_threads=1)
-    return str(tmp / "tok.model")
+    return train_test_tokenizer(docstring_texts(20_000), tmp / "tok", VOCAB)
 
 
 def _save_tp2(root: str, tokenizer_model: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -67,12 +57,7 @@ def test_export_matches_transformers(tmp_path: Path) -> None:
     ours = run_distributed(_save_tp2, 2, root, tok, tokens)[0]
     assert ours.shape == (2, 24, 512)
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/export_hf.py"), "--load", root, "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    export_hf(root, out)
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == VOCAB and config["num_key_value_heads"] == 2
     assert config["rope_theta"] == 5000.0 and config["tie_word_embeddings"] is False

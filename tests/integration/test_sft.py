@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from salt_megatron.checkpoint import layout
+from tests.docstring_data import docstring_texts, train_test_tokenizer
 from tests.integration.conftest import launch, read_metrics, run_tool
 
 pytestmark = pytest.mark.integration
@@ -28,16 +29,10 @@ BAD_LINE = 7
 
 def _files(tmp: Path) -> tuple[str, str, Path]:
     """(tokenizer, indexed-data prefix, SFT file) from ~40 KB of docstrings."""
-    from salt_megatron.data.corpus import stdlib_docstrings
     from salt_megatron.data.preprocess import preprocess_files
-    from salt_megatron.data.tokenizer import train_tokenizer
 
-    texts: list[str] = []
-    for doc in stdlib_docstrings():
-        texts.append(doc["text"])
-        if sum(map(len, texts)) > 40_000:
-            break
-    train_tokenizer(texts, tmp / "tok", vocab_size=300, byte_fallback=False, num_threads=1)
+    texts = docstring_texts(40_000)
+    train_test_tokenizer(texts, tmp / "tok")
     (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     prefix = str(tmp / "docs_text_document")
     preprocess_files([tmp / "docs.jsonl"], prefix, str(tmp / "tok.model"), progress=False)

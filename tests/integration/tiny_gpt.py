@@ -1,9 +1,13 @@
 """A tiny GQA model saved at TP=2 as our checkpoint (step 3): what the export and evaluation
-tests load. Runs on each of 2 ranks (``tests.distributed.launcher.run_distributed``)."""
+tests load (:func:`save_tiny_gpt` runs on each of 2 ranks, ``run_distributed``), and its export
+to Hugging Face (:func:`export_hf`)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -14,6 +18,17 @@ MODEL = dict(
     rotary_base=5000, max_position_embeddings=64, norm_epsilon=1e-5,
 )  # fmt: skip
 """Non-default RoPE base, grouped queries: what an exporter or loader must carry over."""
+REPO = Path(__file__).resolve().parents[2]
+
+
+def export_hf(root: str, out: Path) -> None:
+    """``tools/export_hf.py --load root --out out`` in its own process (world 1); must succeed."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools/export_hf.py"), "--load", root, "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def save_tiny_gpt(

@@ -26,23 +26,16 @@ from salt_megatron.data.sft import (
     role_header,
 )
 from salt_megatron.data.sft_pack import PackedSFTDataset, fit, pack, split_held_out
-from salt_megatron.data.tokenizer import NullTokenizer, SentencePieceTokenizer, train_tokenizer
+from salt_megatron.data.tokenizer import NullTokenizer, SentencePieceTokenizer
+from tests.docstring_data import docstring_texts, train_test_tokenizer
 
 NULL = NullTokenizer(50)  # eod 49
 
 
 @pytest.fixture(scope="module")
 def sp(tmp_path_factory: pytest.TempPathFactory) -> SentencePieceTokenizer:
-    from salt_megatron.data.corpus import stdlib_docstrings
-
-    texts: list[str] = []
-    for doc in stdlib_docstrings():
-        texts.append(doc["text"])
-        if sum(map(len, texts)) > 20_000:
-            break
     root = tmp_path_factory.mktemp("tok")
-    train_tokenizer(texts, root / "tok", vocab_size=300, byte_fallback=False, num_threads=1)
-    return SentencePieceTokenizer(root / "tok.model")
+    return SentencePieceTokenizer(train_test_tokenizer(docstring_texts(20_000), root / "tok"))
 
 
 def _example(record: dict[str, Any], tokenizer: Any = NULL) -> Example:
