@@ -72,11 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: list[str]) -> str:
+    """This command line, as the store records it (what rewrites a missing or corrupt shard)."""
+    return shlex.join(["python", str(Path(__file__).resolve()), *argv])
+
+
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     args, rest = _parser().parse_known_args(argv)
     if not args.out:
         raise ConfigError("--out DIR is required (or --verify DIR, or --help)")
-    args.command = shlex.join(["python", str(Path(__file__).resolve()), *argv])
+    args.command = _command(argv)
     cfg = parse_config(rest)  # the student run's config; the pass itself runs the teacher alone
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None
@@ -129,7 +134,7 @@ def _convert(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.out:
         print("save_teacher_targets.py: error: --convert needs --out DIR", file=sys.stderr)
         return 2
-    command = shlex.join(["python", str(Path(__file__).resolve()), *argv])
+    command = _command(argv)
     start = time.perf_counter()
     try:
         spec = convert_store(args.convert, args.out, args.logprob_format, command)
