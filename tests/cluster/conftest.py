@@ -11,6 +11,7 @@ first on ``PATH``, the repository on ``PYTHONPATH``, the cluster's ``SLURM_CONF`
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -32,11 +33,26 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 CPU_NODE = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15:00"]
 
 
-def free_port() -> int:
-    """A TCP port free on this host now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def rendezvous_port() -> int:
+    """A TCP port free now and below the kernel's ephemeral range, for a job's ``MASTER_PORT``.
+
+    A job keeps its port across requeues, so it must stay free from submission to the last
+    restart. Ports the kernel hands out (bind to port 0) lie in the ephemeral range, where any
+    such socket may take it meanwhile: srun's listeners, the ranks' gloo pairs (hundreds a
+    minute here). torchrun then cannot host its rendezvous store and fails after its 60 s
+    connect timeout. Nothing takes a port below that range unless it asks for that port.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, max(low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in [20000, {low})")
 
 
 def _missing(nodes: int) -> str | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import CPU_NODE, REPO, SlurmCluster, free_port
+from tests.cluster.conftest import CPU_NODE, REPO, SlurmCluster, rendezvous_port
 from tests.integration.conftest import read_metrics
 from tests.wandb_files import offline_runs, read_offline_run
 
@@ -60,13 +60,21 @@ class Jobs:
         """The job's own output, ``logs/%x-%j.out`` under the submit directory."""
         return (self.work / "logs" / f"{name}-{job}.out").read_text()
 
+    def post_mortem(self, name: str, job: int, chars: int = 6000) -> str:
+        """The end of the job's output (its batch shell, torchrun and, tee'd, every rank) and its
+        launch log: what a failed assertion on ``job`` prints, so a CI failure explains itself."""
+        logs = self.work / "logs"
+        files = [logs / f"{name}-{job}.out", logs / f"{name}-{job}" / "launch.log"]
+        parts = [f"==> {f} <==\n{f.read_text()[-chars:]}" for f in files if f.is_file()]
+        return "\n".join(parts) or f"(no logs under {logs})"
+
 
 def _export(work: Path, run: str, **extra: str) -> str:
     """``--export=ALL,...``: the CPU overrides a user passes to the GPU scripts (and a free
-    rendezvous port: this node is the test machine itself)."""
+    rendezvous port outside the ephemeral range: this node is the test machine itself)."""
     env = {"REPO_DIR": str(REPO), "GPUS_PER_NODE": "2", "CONFIG": "examples/configs/tiny_cpu.yaml",
            "CKPT_DIR": str(work / run), "LOG_ROOT": str(work / "logs"),
-           "MASTER_PORT": str(free_port()), **extra}  # fmt: skip
+           "MASTER_PORT": str(rendezvous_port()), **extra}  # fmt: skip
     return "--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items())
 
 
@@ -102,7 +110,9 @@ def test_teacher_then_salt_chain(jobs: Jobs) -> None:
     cluster, work = jobs.cluster, jobs.work
     teacher = cluster.wait(jobs.teacher, timeout=240)
     salt = cluster.wait(jobs.salt, timeout=240)
-    assert teacher["JobState"] == salt["JobState"] == "COMPLETED", (teacher, salt)
+    assert teacher["JobState"] == salt["JobState"] == "COMPLETED", "\n".join(
+        [jobs.post_mortem("salt-teacher", jobs.teacher), jobs.post_mortem("salt", jobs.salt)]
+    )
     assert salt["StartTime"] >= teacher["EndTime"]  # afterok held it back
     assert "saved checkpoint" in jobs.log("salt-teacher", jobs.teacher)
     assert (work / "teacher" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
@@ -132,7 +142,8 @@ def _wait_for_steps(jobs: Jobs, metrics: Path, steps: int) -> None:
     deadline = time.monotonic() + 240
     while len(read_metrics(metrics)) < steps:
         state = jobs.cluster.job(jobs.preempted)["JobState"]
-        assert state in {"PENDING", "RUNNING"} and time.monotonic() < deadline, state
+        ok = state in {"PENDING", "RUNNING"} and time.monotonic() < deadline
+        assert ok, f"{state}\n{jobs.post_mortem('salt', jobs.preempted)}"
         time.sleep(0.2)
 
 
@@ -142,7 +153,8 @@ def test_preemption_saves_requeues_and_resumes_bitwise(jobs: Jobs) -> None:
     _wait_for_steps(jobs, metrics, 3)
     cluster.run("scancel", "--signal=USR1", "--batch", str(job))  # what --signal=B:USR1@180 does
     info = cluster.wait(job, timeout=240)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), info
+    state = (info["JobState"], info["Restarts"], info["ExitCode"])
+    assert state[:2] == ("COMPLETED", "1"), f"{state}\n{jobs.post_mortem('salt', job)}"
 
     log = jobs.log("salt", job)
     stopped = int(re.findall(r"exiting early: received SIGUSR1; checkpoint at step (\d+)", log)[0])
