@@ -37,7 +37,6 @@ targets, :mod:`benchmarks.offline_rows`.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -55,13 +54,12 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import offline_rows  # noqa: E402
 from benchmarks.common import machine, write_docs  # noqa: E402
+from benchmarks.overhead_tables import online_table, pipeline_summary  # noqa: E402
 from salt_megatron.config.schema import ModelConfig  # noqa: E402
 from salt_megatron.models import flops as model_flops  # noqa: E402
 from salt_megatron.planner import kd_step_ratio  # noqa: E402
 
 KD_WEIGHT, TEMP = 0.5, 1.0
-PIPELINE_TARGET = 1.15
-"""The KD/plain ratio at PP > 1 may exceed PP 1's by at most this factor (teacher balanced)."""
 PIPELINE = {
     "student": "8x256x4", "teachers": ["4x256x4"], "vocab": 1024, "seq": 128, "mbs": 2,
     "gbs": 16, "threads": 1, "layouts": ["1:1:1", "2:1:1:2", "4:1:1:4"], "offline_top_k": 0,
@@ -428,56 +426,6 @@ def bench_worker(opts: dict[str, Any], tmp: str, lay: Layout) -> list[dict]:
 
 
 # ---- driver side -----------------------------------------------------------------------------
-def _ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{1000.0 * seconds:.0f}"
-
-
-def _table(rows: list[dict]) -> str:
-    lines = [
-        "| world | TP | teacher TP | PP | teacher on | student | teacher | plain ms | KD ms | "
-        "measured (paired median) | FLOP-ideal | measured/ideal | teacher share | excess ms: "
-        "teacher fwd / exchange / KD loss - CE / rest | LM-head FLOP share S / T |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lay, excess = r["layout"], r["kd"] - r["plain"]
-        fwd = r["teacher_s"] - (0.0 if math.isnan(r["exchange"]) else r["exchange"])
-        rest = excess - r["teacher_s"] - r["loss_excess"]
-        where = {"balanced": "stages", "last": "last stage"}[r["placement"]] if lay.pp > 1 else "-"
-        lines.append(
-            f"| {lay.world} | {lay.tp} | {lay.ttp} | {lay.pp} | {where} | {r['student']} "
-            f"| {r['teacher']} | {_ms(r['plain'])} | {_ms(r['kd'])} "
-            f"| {r['ratio']:.2f} ({r['paired']:.2f}) | {r['ideal']:.3f} "
-            f"| {r['ratio'] / r['ideal']:.2f} | {r['teacher_s'] / r['kd']:.0%} "
-            f"| {_ms(fwd)} / {_ms(r['exchange'])} / {_ms(r['loss_excess'])} / {_ms(rest)} "
-            f"| {r['head_s']:.0%} / {r['head_t']:.0%} |"
-        )
-    return "\n".join(lines)
-
-
-def pipeline_summary(rows: list[dict], target: float = PIPELINE_TARGET) -> str:
-    """Each PP > 1 row's KD/plain ratio over the PP 1 row's (same student and teacher, TP 1):
-    the fastest blocks' ratios and the paired medians."""
-    lines = []
-    for r in rows:
-        lay = r["layout"]
-        base = [b for b in rows if b["layout"].pp == 1 and b["layout"].tp == lay.tp
-                and (b["student"], b["teacher"]) == (r["student"], r["teacher"])]  # fmt: skip
-        balanced = r["placement"] == "balanced"
-        if lay.pp == 1 or not base:
-            continue
-        best, median = r["ratio"] / base[0]["ratio"], r["paired"] / base[0]["paired"]
-        verdict = "met" if max(best, median) <= target else "not met"
-        where = "balanced over the stages" if balanced else "on the last stage"
-        lines.append(
-            f"- PP {lay.pp}, teacher {where}: KD/plain {r['ratio']:.2f} (median "
-            f"{r['paired']:.2f}) against {base[0]['ratio']:.2f} ({base[0]['paired']:.2f}) at "
-            f"PP 1: x{best:.2f} (median x{median:.2f})"
-            + (f"; target <= x{target:g}: {verdict}" if balanced else "")
-        )
-    return "\n".join(lines)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--student", default="4x256x4", help="layers x hidden x heads")
@@ -521,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         for text in args.layouts:
             lay = Layout.parse(text)
             rows += run_distributed(bench_worker, lay.world, opts, tmp, lay)[-1]
-            print(_table(rows[-len(args.teachers) * len(lay.placements) :]), flush=True)
+            print(online_table(rows[-len(args.teachers) * len(lay.placements) :]), flush=True)
             if args.offline_top_k:
                 print(offline_rows.offline_table(rows, args.offline_top_k), flush=True)
     offline = (
@@ -542,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         f"ratio (median of the paired KD/plain block ratios in brackets); micro-timings: min of "
         f"{args.reps}; {time.perf_counter() - start:.0f} s.\n"
         f"`python benchmarks/teacher_overhead.py {' '.join(argv or sys.argv[1:])}`; load "
-        f"average before the run {load:.1f}\n\n" + _table(rows) + offline
+        f"average before the run {load:.1f}\n\n" + online_table(rows) + offline
     )
     summary = pipeline_summary(rows)
     text += f"\n\n{summary}" if summary else ""

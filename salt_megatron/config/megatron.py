@@ -61,6 +61,28 @@ def fusions(model: ModelConfig, on_gpu: bool, kernels: FusedKernels) -> dict[str
     }
 
 
+def shape_fields(model: ModelConfig) -> dict[str, Any]:
+    """``TransformerConfig``'s fields for the model's shape, activation, norm and init."""
+    return {
+        "num_layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_query_groups": model.num_query_groups,
+        "kv_channels": model.head_dim,
+        "ffn_hidden_size": ffn_hidden_size(model),
+        "hidden_dropout": model.hidden_dropout,
+        "attention_dropout": model.attention_dropout,
+        "init_method_std": model.init_method_std,
+        "normalization": model.normalization,
+        "layernorm_epsilon": model.norm_epsilon,
+        "gated_linear_unit": model.swiglu,
+        "activation_func": F.silu if model.swiglu else F.gelu,
+        "add_bias_linear": model.add_bias_linear,
+        "add_qkv_bias": model.add_qkv_bias,
+        "qk_layernorm": model.qk_layernorm,
+    }
+
+
 def moe_fields(model: ModelConfig, ep: int = 1, etp: int | None = None) -> dict[str, Any]:
     """``TransformerConfig``'s mixture-of-experts fields (none for a dense model).
 
@@ -132,22 +154,7 @@ def transformer_config(
     if packed:
         fused["masked_softmax_fusion"] = False
     return TransformerConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=model.head_dim,
-        ffn_hidden_size=ffn_hidden_size(model),
-        hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout,
-        init_method_std=model.init_method_std,
-        normalization=model.normalization,
-        layernorm_epsilon=model.norm_epsilon,
-        gated_linear_unit=model.swiglu,
-        activation_func=F.silu if model.swiglu else F.gelu,
-        add_bias_linear=model.add_bias_linear,
-        add_qkv_bias=model.add_qkv_bias,
-        qk_layernorm=model.qk_layernorm,
+        **shape_fields(model),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,

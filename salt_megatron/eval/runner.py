@@ -31,6 +31,7 @@ from salt_megatron.checkpoint.saved import (
     saved_model_config,
     saved_padded_vocab,
 )
+from salt_megatron.config.schema import ConfigError, ModelConfig, ParallelConfig
 from salt_megatron.eval.vocab_parallel import greedy_ids, target_logprobs
 from salt_megatron.parallel.state import StudentLayout
 
@@ -146,15 +147,11 @@ def load_eval_model(
     Needs ``torch.distributed`` started or startable (torchrun's environment, or a world of 1).
     Megatron's parallel state, if already set up, must have this TP and PP.
     """
-    from megatron.core import parallel_state as mpu
     from megatron.core.enums import ModelType
 
     from salt_megatron.config import megatron as mcfg
-    from salt_megatron.config.schema import ConfigError, ParallelConfig
     from salt_megatron.models.gpt import build_gpt
-    from salt_megatron.parallel.state import current_layout, init_student_parallel
     from salt_megatron.runtime import device
-    from salt_megatron.runtime.distributed import init_world
 
     ckpt = resolve(load, step)
     model = saved_model_config(ckpt.meta, ckpt.path)
@@ -162,33 +159,14 @@ def load_eval_model(
         model = dataclasses.replace(model, transformer_impl=transformer_impl)  # type: ignore[arg-type]
     tokenizer = check_tokenizer(ckpt.meta, ckpt.path, tokenizer_model, tokenizer_type)
     padded = saved_padded_vocab(ckpt.meta, ckpt.path, tp)
-    try:
-        model.validate_tp(tp, "--tensor-model-parallel-size")
-    except ConfigError as exc:
-        raise LoadError(str(exc)) from None
-    if model.num_layers % pp:
-        raise LoadError(
-            f"--pipeline-model-parallel-size {pp} does not divide the checkpoint's "
-            f"{model.num_layers} layers"
-        )
+    _check_split(model, tp, pp)
     vocab = true_vocab_size(ckpt.meta, padded)
     if tokenizer.vocab_size > vocab:
         raise LoadError(
             f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's model only {vocab} "
             f"({ckpt.path}): pass the checkpoint's --tokenizer-model"
         )
-    world = init_world()
-    if world % (tp * pp):
-        raise LoadError(f"world size {world} is not divisible by TP x PP = {tp * pp}")
-    if not mpu.model_parallel_is_initialized():
-        saved_seed = ((ckpt.meta.get("config") or {}).get("training") or {}).get("seed", 1234)
-        init_student_parallel(
-            ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-            int(saved_seed),
-        )
-    layout = current_layout()
-    if (layout.tp, layout.pp) != (tp, pp):
-        raise LoadError(f"the process groups are TP {layout.tp} x PP {layout.pp}, not {tp} x {pp}")
+    layout = _start_groups(tp, pp, ckpt.meta)
     tf_config = mcfg.transformer_config(model, tp=tp, pp=pp, bf16=saved_bf16(ckpt.meta))
     gpt = build_gpt(
         model, tf_config, padded_vocab_size=padded,
@@ -203,3 +181,39 @@ def load_eval_model(
         vocab_size=vocab, padded_vocab=padded,
         max_position_embeddings=model.max_position_embeddings, step=ckpt.step, path=ckpt.path,
     )  # fmt: skip
+
+
+def _check_split(model: ModelConfig, tp: int, pp: int) -> None:
+    """Refuse a TP that does not split the heads, or a PP that does not divide the layers."""
+    try:
+        model.validate_tp(tp, "--tensor-model-parallel-size")
+    except ConfigError as exc:
+        raise LoadError(str(exc)) from None
+    if model.num_layers % pp:
+        raise LoadError(
+            f"--pipeline-model-parallel-size {pp} does not divide the checkpoint's "
+            f"{model.num_layers} layers"
+        )
+
+
+def _start_groups(tp: int, pp: int, meta: dict[str, Any]) -> StudentLayout:
+    """Start the world and megatron's groups at TP x PP (the rest data-parallel), unless started;
+    the layout. The RNG seed is the checkpoint's training seed (dropout is off in eval)."""
+    from megatron.core import parallel_state as mpu
+
+    from salt_megatron.parallel.state import current_layout, init_student_parallel
+    from salt_megatron.runtime.distributed import init_world
+
+    world = init_world()
+    if world % (tp * pp):
+        raise LoadError(f"world size {world} is not divisible by TP x PP = {tp * pp}")
+    if not mpu.model_parallel_is_initialized():
+        saved_seed = ((meta.get("config") or {}).get("training") or {}).get("seed", 1234)
+        init_student_parallel(
+            ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+            int(saved_seed),
+        )
+    layout = current_layout()
+    if (layout.tp, layout.pp) != (tp, pp):
+        raise LoadError(f"the process groups are TP {layout.tp} x PP {layout.pp}, not {tp} x {pp}")
+    return layout

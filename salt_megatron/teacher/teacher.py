@@ -155,15 +155,10 @@ class Teacher:
         tf_config = mcfg.teacher_transformer_config(cfg, model_cfg)
         with torch.no_grad():
             model = build_gpt(
-                model_cfg,
-                tf_config,
-                padded_vocab_size=student_padded_vocab,
-                max_sequence_length=model_cfg.max_position_embeddings,
-                pre_process=True,
-                post_process=True,
-                pg_collection=groups.pgs,
-                device=device,
-            )
+                model_cfg, tf_config, padded_vocab_size=student_padded_vocab,
+                max_sequence_length=model_cfg.max_position_embeddings, pre_process=True,
+                post_process=True, pg_collection=groups.pgs, device=device,
+            )  # fmt: skip
         head = None
         if is_last_stage:
             width = student_padded_vocab // student_tp_size

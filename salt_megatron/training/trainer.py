@@ -131,26 +131,25 @@ class Trainer:
             cfg.logging.tensorboard_dir, self.is_logging_rank, cfg.logging.metrics_file, wandb_run
         )
         self.kd = KDPhase(
-            cfg,
-            self.layout,
-            vocab_size,
-            self.padded_vocab,
-            tokenizer_fingerprint,
-            kd_train,
-            self.writer,
-            kd_samples=self.batches.samples_before(cfg.distill.kd_steps),
+            cfg, self.layout, vocab_size, self.padded_vocab, tokenizer_fingerprint, kd_train,
+            self.writer, kd_samples=self.batches.samples_before(cfg.distill.kd_steps),
             kd_targets=kd_targets,
-        )
+        )  # fmt: skip
         self.train_iters: list[MicroBatchIterator | None] = []
         self.reset_data_position()
         self._flops_per_token = model_flops.train_flops_per_token(
             cfg.model, cfg.data.seq_length, self.padded_vocab
         )
         self.moe = self._moe_metrics()
+        self._log_layout()
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _log_layout(self) -> None:
+        """One line: this rank's parameter count, the layout and the micro-batches per step."""
         n_params = count_parameters(self.model)
         lay = self.layout
         experts = (
-            f" EP={lay.ep} expert-TP={lay.etp} expert-DP={lay.edp}" if cfg.model.is_moe else ""
+            f" EP={lay.ep} expert-TP={lay.etp} expert-DP={lay.edp}" if self.cfg.model.is_moe else ""
         )
         log.info(
             f"student: {n_params / 1e6:.2f}M parameters on this rank | layout TP={lay.tp} "
@@ -158,7 +157,6 @@ class Trainer:
             f"padded vocab {self.padded_vocab} | micro-batches/step: {self.num_microbatches}"
         )
 
-    # ---- set-up ----------------------------------------------------------------------------
     def _moe_metrics(self) -> MoEMetrics | None:
         model = self.cfg.model
         if not model.is_moe:
