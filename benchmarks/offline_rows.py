@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from benchmarks.overhead_tables import ms
+
 DOC = (
     "Offline rows (`--kd-targets`): the online trainer's teacher stores its top-{k} targets of "
     "the samples a second trainer reads (`salt_megatron.distill.targets.save_targets`, the "
@@ -87,11 +89,11 @@ def offline_table(rows: list[dict], top_k: int) -> str:
     for r in rows:
         if "off_kd" not in r:
             continue
-        lay, ms = r["layout"], 1000.0
+        lay = r["layout"]
         lines.append(
             f"| {lay.world} | {lay.tp} | {lay.ttp} | {r['student']} | {r['teacher']} "
-            f"| {r['off_plain'] * ms:.0f} | {r['off_kd'] * ms:.0f} "
+            f"| {ms(r['off_plain'])} | {ms(r['off_kd'])} "
             f"| {r['off_kd'] / r['off_plain']:.2f} ({r['off_paired']:.2f}) | {r['ratio']:.2f} "
-            f"| {r['pass_s'] / r['pass_steps'] * ms:.0f} | {r['store_bytes_per_token']:.1f} |"
+            f"| {ms(r['pass_s'] / r['pass_steps'])} | {r['store_bytes_per_token']:.1f} |"
         )
     return "\n".join(lines)
